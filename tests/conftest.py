@@ -1,0 +1,130 @@
+"""Test harness: the real embedded Postgres and the real Redis, nothing faked on our side.
+
+One server per machine, one template database per schema version (bootstrap + migrations, built
+once under a file lock), one database per xdist worker cloned from it, and one rolled-back
+transaction per test. Tests that need real commits or racing connections use ``committed_db``
+(the real pool) with fresh tenants from the factories.
+"""
+
+from __future__ import annotations
+
+import base64
+import fcntl
+import hashlib
+import os
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg import AsyncConnection
+from psycopg.rows import DictRow, dict_row
+
+# Configuration for the code under test, set before anything reads settings.
+os.environ.update(
+    {
+        "ENVIRONMENT": "test",
+        "SUPABASE_JWT_SECRET": "test-jwt-secret-0123456789abcdef0123456789abcdef",
+        "WIDGET_TOKEN_SECRET": "test-widget-token-secret-0123456789abcdef",
+        "CREDENTIAL_KEYS": "k1:" + base64.b64encode(hashlib.sha256(b"test credential key").digest()).decode(),
+    }
+)
+for _name in ("OPENAI_API_KEY", "STRIPE_SECRET_KEY", "SUPABASE_JWKS_URL", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
+    os.environ.pop(_name, None)
+
+from shared.db.pool import close_pools  # noqa: E402
+from shared.local.database import (  # noqa: E402
+    LocalServer,
+    apply_schema,
+    create_database,
+    schema_fingerprint,
+    start_server,
+)
+from shared.settings import get_settings  # noqa: E402
+
+Connection = AsyncConnection[DictRow]
+
+ROOT = Path(__file__).resolve().parents[1]
+PG_DATA = Path("/tmp") / f"hiredhands-test-pg-{hashlib.sha256(str(ROOT).encode()).hexdigest()[:8]}"
+
+
+@asynccontextmanager
+async def _noop() -> AsyncIterator[None]:
+    yield
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> LocalServer:
+    return start_server(PG_DATA)
+
+
+@pytest.fixture(scope="session")
+def template_db(pg_server: LocalServer) -> str:
+    name = f"hh_tpl_{schema_fingerprint()}"
+    lock_path = PG_DATA.parent / f"{PG_DATA.name}.template.lock"
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        with psycopg.connect(pg_server.url(), autocommit=True) as conn:
+            exists = conn.execute("select 1 from pg_database where datname = %s", (name,)).fetchone()
+        if not exists:
+            building = name + "_building"
+            create_database(pg_server, building, replace=True)
+            apply_schema(pg_server.url(building), seed=False)
+            with psycopg.connect(pg_server.url(), autocommit=True) as conn:
+                conn.execute(f'alter database "{building}" rename to "{name}"')
+    return name
+
+
+@pytest.fixture(scope="session")
+def worker_db(pg_server: LocalServer, template_db: str, worker_id: str) -> Iterator[str]:
+    name = f"hh_test_{worker_id}"
+    create_database(pg_server, name, template=template_db, replace=True)
+    os.environ["DATABASE_URL"] = pg_server.url(name, user="authenticator")
+    get_settings.cache_clear()
+    yield name
+
+
+@pytest.fixture(scope="session")
+def admin_url(pg_server: LocalServer, worker_db: str) -> str:
+    """Superuser URL for factories and assertions; the code under test never gets it."""
+    return pg_server.url(worker_db)
+
+
+@pytest.fixture(scope="session")
+def app_url(pg_server: LocalServer, worker_db: str) -> str:
+    return pg_server.url(worker_db, user="authenticator")
+
+
+@pytest.fixture
+async def db(admin_url: str) -> AsyncIterator[Connection]:
+    """One connection in one transaction, rolled back after the test.
+
+    It logs in as the superuser (factories need it) and then drops to ``authenticator``, the
+    production login role, so code under test that forgets to choose a role gets 42501.
+    """
+    conn = await AsyncConnection.connect(admin_url, row_factory=dict_row, prepare_threshold=None)
+    try:
+        await conn.execute("set local role authenticator")
+        yield conn
+    finally:
+        await conn.rollback()
+        await conn.close()
+
+
+class TransactionDatabase:
+    """The app's Database, pinned to the test's transaction: code under test opens savepoints."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+
+    @asynccontextmanager
+    async def connection(self) -> AsyncIterator[Connection]:
+        yield self.conn
+
+
+@pytest.fixture
+async def committed_db(worker_db: str) -> AsyncIterator[None]:
+    """The real pool on the worker database; data committed here must use fresh tenants."""
+    yield
+    await close_pools()

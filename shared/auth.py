@@ -39,7 +39,9 @@ async def verify_access_token(token: str) -> Claims:
     key: Any
     try:
         if alg in _ASYMMETRIC and settings.supabase_jwks_url:
-            signing_key = await asyncio.to_thread(_jwks_client(settings.supabase_jwks_url).get_signing_key_from_jwt, token)
+            jwks = _jwks_client(settings.supabase_jwks_url)
+            # PyJWKClient fetches with urllib; keep that off the event loop.
+            signing_key = await asyncio.to_thread(jwks.get_signing_key_from_jwt, token)
             key, algorithms = signing_key.key, [alg]
         elif alg == "HS256" and settings.supabase_jwt_secret.get_secret_value():
             key, algorithms = settings.supabase_jwt_secret.get_secret_value(), ["HS256"]

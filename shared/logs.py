@@ -68,7 +68,11 @@ def redact(value: Any, key: str | None = None) -> Any:
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        line: dict[str, Any] = {"level": record.levelname.lower(), "logger": record.name, "message": record.getMessage()}
+        line: dict[str, Any] = {
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
         fields = getattr(record, "fields", None)
         if isinstance(fields, Mapping):
             line.update(fields)

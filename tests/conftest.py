@@ -11,7 +11,9 @@ from __future__ import annotations
 import base64
 import fcntl
 import hashlib
+import logging
 import os
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -41,12 +43,13 @@ from shared.local.database import (  # noqa: E402
     schema_fingerprint,
     start_server,
 )
+from shared.logs import JsonFormatter, get_logger  # noqa: E402
 from shared.settings import get_settings  # noqa: E402
 
 Connection = AsyncConnection[DictRow]
 
 ROOT = Path(__file__).resolve().parents[1]
-PG_DATA = Path("/tmp") / f"hiredhands-test-pg-{hashlib.sha256(str(ROOT).encode()).hexdigest()[:8]}"
+PG_DATA = Path(tempfile.gettempdir()) / f"hiredhands-test-pg-{hashlib.sha256(str(ROOT).encode()).hexdigest()[:8]}"
 
 
 @asynccontextmanager
@@ -77,12 +80,12 @@ def template_db(pg_server: LocalServer) -> str:
 
 
 @pytest.fixture(scope="session")
-def worker_db(pg_server: LocalServer, template_db: str, worker_id: str) -> Iterator[str]:
+def worker_db(pg_server: LocalServer, template_db: str, worker_id: str) -> str:
     name = f"hh_test_{worker_id}"
     create_database(pg_server, name, template=template_db, replace=True)
     os.environ["DATABASE_URL"] = pg_server.url(name, user="authenticator")
     get_settings.cache_clear()
-    yield name
+    return name
 
 
 @pytest.fixture(scope="session")
@@ -128,3 +131,25 @@ async def committed_db(worker_db: str) -> AsyncIterator[None]:
     """The real pool on the worker database; data committed here must use fresh tenants."""
     yield
     await close_pools()
+
+
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(JsonFormatter())
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+
+@pytest.fixture
+def log_lines() -> Iterator[list[str]]:
+    """Every log line the code under test writes, exactly as formatted for production."""
+    collector = _Collect()
+    logger = get_logger()
+    logger.addHandler(collector)
+    try:
+        yield collector.lines
+    finally:
+        logger.removeHandler(collector)

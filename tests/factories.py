@@ -35,7 +35,9 @@ async def create_user(conn: Connection, *, email: str | None = None) -> dict[str
     return {"id": user_id, "email": email}
 
 
-async def create_org(conn: Connection, *, owner: dict[str, Any] | None = None, name: str | None = None) -> dict[str, Any]:
+async def create_org(
+    conn: Connection, *, owner: dict[str, Any] | None = None, name: str | None = None
+) -> dict[str, Any]:
     owner = owner or await create_user(conn)
     await _as_superuser(conn)
     row = await (

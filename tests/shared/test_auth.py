@@ -57,8 +57,8 @@ def jwks_server(signing_key: ec.EllipticCurvePrivateKey, monkeypatch: pytest.Mon
 
 def _claims(**overrides: object) -> dict[str, object]:
     now = int(time.time())
-    return {"sub": str(USER["id"]), "aud": "authenticated", "role": "authenticated", "iat": now, "exp": now + 600,
-            **overrides}
+    claims = {"sub": str(USER["id"]), "aud": "authenticated", "role": "authenticated", "iat": now, "exp": now + 600}
+    return {**claims, **overrides}
 
 
 class TestLegacySharedSecret:
@@ -101,20 +101,21 @@ class TestLegacySharedSecret:
             await verify_access_token(token)
 
 
+@pytest.mark.usefixtures("jwks_server")
 class TestAsymmetricKeysFromJwks:
     async def test_es256_token_verifies_against_the_jwks(
-        self, jwks_server: str, signing_key: ec.EllipticCurvePrivateKey
+        self, signing_key: ec.EllipticCurvePrivateKey
     ) -> None:
         token = jwt.encode(_claims(), signing_key, algorithm="ES256", headers={"kid": "key-1"})
         assert (await verify_access_token(token))["sub"] == str(USER["id"])
 
-    async def test_token_from_an_unknown_key_is_refused(self, jwks_server: str) -> None:
+    async def test_token_from_an_unknown_key_is_refused(self) -> None:
         other = ec.generate_private_key(ec.SECP256R1())
         token = jwt.encode(_claims(), other, algorithm="ES256", headers={"kid": "key-2"})
         with pytest.raises(Unauthorized, match="signing key is unknown"):
             await verify_access_token(token)
 
-    async def test_forged_signature_with_known_kid_is_refused(self, jwks_server: str) -> None:
+    async def test_forged_signature_with_known_kid_is_refused(self) -> None:
         other = ec.generate_private_key(ec.SECP256R1())
         token = jwt.encode(_claims(), other, algorithm="ES256", headers={"kid": "key-1"})
         with pytest.raises(Unauthorized, match="invalid"):

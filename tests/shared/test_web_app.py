@@ -1,0 +1,122 @@
+"""The app factory every function uses: problems, request ids, body limits, the log line."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+from fastapi import APIRouter
+from pydantic import BaseModel, ConfigDict, Field
+
+from shared.errors import Conflict, RateLimited
+from shared.web.app import create_app
+
+router = APIRouter()
+SECRET_IN_ERROR = "hh_wk_" + "f" * 48
+
+
+class Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(max_length=10)
+
+
+@router.post("/t/{key}/echo")
+async def echo(key: str, body: Body) -> dict[str, str]:
+    return {"name": body.name}
+
+
+@router.get("/t/conflict")
+async def conflict() -> None:
+    raise Conflict("That name is taken.")
+
+
+@router.get("/t/limited")
+async def limited() -> None:
+    raise RateLimited(7)
+
+
+@router.get("/t/boom")
+async def boom() -> None:
+    raise RuntimeError("password=hunter2 select * from secrets where key = " + SECRET_IN_ERROR)  # noqa: S608
+
+
+app = create_app("test-app", [router])
+
+
+@pytest.fixture
+async def client() -> httpx.AsyncClient:
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    return httpx.AsyncClient(transport=transport, base_url="http://test")
+
+
+class TestProblems:
+    async def test_domain_error_is_a_problem_document_with_request_id(self, client: httpx.AsyncClient) -> None:
+        response = await client.get("/t/conflict")
+        assert response.status_code == 409
+        assert response.headers["content-type"] == "application/problem+json"
+        body = response.json()
+        assert body["type"].endswith("/conflict")
+        assert body["detail"] == "That name is taken."
+        assert body["request_id"] == response.headers["x-request-id"]
+
+    async def test_rate_limited_carries_retry_after(self, client: httpx.AsyncClient) -> None:
+        response = await client.get("/t/limited")
+        assert response.status_code == 429
+        assert response.headers["retry-after"] == "7"
+
+    async def test_unexpected_error_is_opaque(self, client: httpx.AsyncClient, log_lines: list[str]) -> None:
+        response = await client.get("/t/boom")
+        assert response.status_code == 500
+        text = response.text
+        for leak in ("hunter2", "select", SECRET_IN_ERROR, "Traceback", "RuntimeError"):
+            assert leak not in text, f"500 body leaks {leak!r}"
+        assert all("hunter2" not in line and SECRET_IN_ERROR not in line for line in log_lines)
+
+    async def test_validation_error_never_echoes_the_input(self, client: httpx.AsyncClient) -> None:
+        sneaky = "sk_live_" + "x" * 30
+        response = await client.post("/t/k/echo", json={"name": sneaky})
+        assert response.status_code == 422
+        assert sneaky not in response.text
+        assert response.json()["errors"][0]["loc"] == ["body", "name"]
+
+    async def test_unknown_fields_are_refused(self, client: httpx.AsyncClient) -> None:
+        response = await client.post("/t/k/echo", json={"name": "a", "admin": True})
+        assert response.status_code == 422
+        assert response.json()["errors"][0]["loc"] == ["body", "admin"]
+
+    async def test_unknown_route_is_a_problem(self, client: httpx.AsyncClient) -> None:
+        response = await client.get("/nowhere")
+        assert response.status_code == 404
+        assert response.headers["content-type"] == "application/problem+json"
+
+
+class TestBodyLimit:
+    async def test_declared_oversized_body_is_refused_before_reading(self, client: httpx.AsyncClient) -> None:
+        response = await client.post("/t/k/echo", content=b"x" * 70_000, headers={"content-type": "application/json"})
+        assert response.status_code == 413
+        assert response.json()["type"].endswith("/payload-too-large")
+
+    async def test_streamed_oversized_body_is_refused(self, client: httpx.AsyncClient) -> None:
+        async def chunks():  # type: ignore[no-untyped-def]
+            for _ in range(100):
+                yield b"x" * 1024
+
+        response = await client.post("/t/k/echo", content=chunks(), headers={"content-type": "application/json"})
+        assert response.status_code == 413
+
+
+class TestLogLine:
+    async def test_one_json_line_per_request_with_route_template_not_path(
+        self, client: httpx.AsyncClient, log_lines: list[str]
+    ) -> None:
+        key = "hh_wk_" + "a" * 48
+        await client.post(f"/t/{key}/echo", json={"name": "ok"}, headers={"authorization": "Bearer abc.def.ghi"})
+        requests = [json.loads(line) for line in log_lines if json.loads(line)["message"] == "request"]
+        assert len(requests) == 1
+        line = requests[0]
+        assert line["route"] == "/t/{key}/echo"
+        assert line["status"] == 200
+        assert line["function"] == "test-app"
+        assert line["request_id"].startswith("req_")
+        assert key not in log_lines[0]

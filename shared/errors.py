@@ -86,3 +86,14 @@ class DependencyUnavailable(DomainError):
 
     def __init__(self, detail: str | None = None, *, retry_after_seconds: int = 5) -> None:
         super().__init__(detail, headers={"Retry-After": str(retry_after_seconds)})
+
+
+class ModelUnavailable(DomainError):
+    """The model timed out or failed; nothing was charged. Retry later or hand over to a person."""
+
+    status = 503
+    type_slug = "model-unavailable"
+    title = "The model is unavailable"
+
+    def __init__(self, detail: str | None = None, *, retry_after_seconds: int = 5) -> None:
+        super().__init__(detail, headers={"Retry-After": str(retry_after_seconds)})

@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     # Connection credentials: AES-GCM keys as "<key_id>:<base64 32 bytes>", comma separated, first one current.
     credential_keys: SecretStr = SecretStr("")
 
+    # Vercel Cron sends "Authorization: Bearer <CRON_SECRET>" to cron paths; they refuse anything else.
+    cron_secret: SecretStr = SecretStr("")
+
     # Models: with no key the offline provider answers from retrieved knowledge.
     openai_api_key: SecretStr = SecretStr("")
     openai_base_url: str = "https://api.openai.com/v1"
@@ -66,6 +69,7 @@ class Settings(BaseSettings):
             "UPSTASH_REDIS_REST_TOKEN": self.upstash_redis_rest_token,
             "WIDGET_TOKEN_SECRET": self.widget_token_secret,
             "CREDENTIAL_KEYS": self.credential_keys,
+            "CRON_SECRET": self.cron_secret,
             "STRIPE_SECRET_KEY": self.stripe_secret_key,
             "STRIPE_WEBHOOK_SECRETS": self.stripe_webhook_secrets,
         }

@@ -103,9 +103,7 @@ class TestLegacySharedSecret:
 
 @pytest.mark.usefixtures("jwks_server")
 class TestAsymmetricKeysFromJwks:
-    async def test_es256_token_verifies_against_the_jwks(
-        self, signing_key: ec.EllipticCurvePrivateKey
-    ) -> None:
+    async def test_es256_token_verifies_against_the_jwks(self, signing_key: ec.EllipticCurvePrivateKey) -> None:
         token = jwt.encode(_claims(), signing_key, algorithm="ES256", headers={"kid": "key-1"})
         assert (await verify_access_token(token))["sub"] == str(USER["id"])
 

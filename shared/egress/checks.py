@@ -23,19 +23,9 @@ from shared.egress.ranges import METADATA_NAMES, IPAddress, classify_address
 
 MAX_URL_LENGTH: Final = 2048
 
-# Suffixes that only private DNS answers: RFC 6761/6762 special-use names, ICANN's .internal, and the
-# RFC 6762 appendix G names ICANN will not delegate (corp, home, lan, ...).
-_INTERNAL_SUFFIXES: Final = (
-    "localhost",
-    "local",
-    "internal",
-    "intranet",
-    "private",
-    "corp",
-    "home",
-    "lan",
-    "home.arpa",
-)
+# Names only private DNS answers: RFC 6761/6762 special-use names, ICANN's .internal, and the RFC 6762
+# appendix G names ICANN will not delegate (corp, home, lan, ...).
+_INTERNAL_NAME: Final = re.compile(r"(?:^|\.)(?:localhost|local|internal|intranet|private|corp|home|lan|home\.arpa)$")
 _HOST_CHARS: Final = re.compile(r"^[a-z0-9._-]+$")
 # WHATWG and glibc treat a host whose last label is a number as an IPv4 address (decimal, 0x-hex,
 # octal, with 1 to 4 parts), so such a host must be an exact dotted quad or nothing.
@@ -88,7 +78,7 @@ def classify_host(host: str, *, policy: EgressPolicy, stage: Stage) -> IPAddress
     if name in METADATA_NAMES:
         raise deny(EgressReason.METADATA, purpose=policy.purpose, stage=stage, host=host)
     # Single-label names are completed with the machine's search domains: internal by construction.
-    if "." not in name or any(name == s or name.endswith("." + s) for s in _INTERNAL_SUFFIXES):
+    if "." not in name or _INTERNAL_NAME.search(name):
         raise deny(EgressReason.INTERNAL_NAME, purpose=policy.purpose, stage=stage, host=host)
     return None
 

@@ -225,7 +225,7 @@ class _GuardedTransport(httpx.AsyncBaseTransport):
             limit=policy.max_response_bytes,
             too_large=too_large,
         )
-        declared = httpx.Headers(core_response.headers).get("content-length", "")
+        declared = next((v for k, v in core_response.headers if k.lower() == b"content-length"), b"")
         if request.method != "HEAD" and declared.isdigit() and int(declared) > policy.max_response_bytes:
             await stream.aclose()
             raise too_large()

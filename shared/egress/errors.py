@@ -83,6 +83,9 @@ class EgressDenied(Exception):
         self.message = CUSTOMER_MESSAGES[reason]
         super().__init__(self.message)
 
+    def __reduce__(self) -> tuple[type[EgressDenied], tuple[EgressReason]]:
+        return (EgressDenied, (self.reason,))  # rebuilt from the reason, not from the message
+
 
 def deny(
     reason: EgressReason,

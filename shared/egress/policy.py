@@ -55,6 +55,12 @@ class EgressPolicy:
     _exceptions: frozenset[tuple[IPAddress, int]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        # Copy into frozensets: a caller's mutable set must not be able to widen the policy later.
+        for name in ("allowed_schemes", "allowed_ports", "allow_addresses"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                raise TypeError(f"{name} is a set, not a string")
+            object.__setattr__(self, name, frozenset(value))
         unsupported = self.allowed_schemes - DEFAULT_SCHEMES
         if unsupported:
             raise ValueError(f"the guarded client speaks only http and https, not {sorted(unsupported)}")
@@ -66,8 +72,6 @@ class EgressPolicy:
             raise ValueError("timeouts must be positive")
         if self.max_response_bytes <= 0:
             raise ValueError("max_response_bytes must be positive")
-        if isinstance(self.allow_addresses, str):
-            raise TypeError("allow_addresses is a frozenset of 'ip:port' strings")
         exceptions = frozenset(_parse_exception(entry) for entry in self.allow_addresses)
         object.__setattr__(self, "_exceptions", exceptions)
 

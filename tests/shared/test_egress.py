@@ -15,6 +15,7 @@ import gzip
 import ipaddress
 import json
 import logging
+import pickle
 import socket
 import ssl
 import subprocess
@@ -577,6 +578,12 @@ class TestPolicy:
         with pytest.raises(ValueError, match="positive"):
             EgressPolicy(read_timeout=0)
 
+    def test_policy_keeps_its_own_copy_of_the_sets_it_was_given(self) -> None:
+        ports = {443}
+        policy = EgressPolicy(allowed_ports=ports)  # type: ignore[arg-type]
+        ports.add(6379)
+        assert policy.allowed_ports == frozenset({443})
+
     def test_presets_never_follow_webhook_redirects_and_follow_a_few_for_scans(self) -> None:
         assert WEBHOOK_POLICY.max_redirects == 0
         assert 0 < SCAN_POLICY.max_redirects <= 10
@@ -1102,6 +1109,10 @@ class TestDenialRecord:
         assert message == CUSTOMER_MESSAGES[EgressReason.PRIVATE_ADDRESS] == caught.value.message
         assert "10.20.30.40" not in message
         assert "customer.example" not in message
+
+    def test_denial_survives_pickling_with_its_reason(self) -> None:
+        restored = pickle.loads(pickle.dumps(EgressDenied(EgressReason.METADATA)))  # noqa: S301 - our own bytes
+        assert (restored.reason, str(restored)) == (EgressReason.METADATA, CUSTOMER_MESSAGES[EgressReason.METADATA])
 
     def test_every_reason_has_a_customer_message(self) -> None:
         assert set(CUSTOMER_MESSAGES) == set(EgressReason)

@@ -25,7 +25,7 @@
 --
 -- Local differences, all deliberate:
 --   * the auth schema and auth.users are owned by postgres (hosted: supabase_admin /
---     supabase_auth_admin); no other GoTrue tables (sessions, identities, ...) exist locally.
+--     supabase_auth_admin); no other GoTrue tables (identities, refresh tokens, ...) exist locally.
 --   * authenticator has no password (local socket / trust auth only).
 --   * the embedded PostgreSQL ships only plpgsql and vector. When pgcrypto is unavailable,
 --     extensions.gen_random_bytes(integer) is provided by a small SQL function with the same

@@ -2,7 +2,7 @@
 
 Every refusal in the egress guard goes through `deny()`, so the log line, the exception's `reason` and
 (later) the problem `type` and counters all speak the same enumerated vocabulary (smokescreen's
-`decision_reason` model).
+`decision_reason` approach).
 """
 
 from __future__ import annotations

@@ -114,9 +114,11 @@ begin
          widget_key_rotated_at = now()
    where id = p_agent_id;
 
-  insert into public.audit_log (org_id, actor_user_id, actor, action, target_type, target_id, details)
+  insert into public.audit_log
+    (org_id, actor_user_id, actor, action, target_type, target_id, details, request_id)
   values (v_org_id, auth.uid(), v_role, 'agent.widget_key_rotated', 'agent', p_agent_id::text,
-          jsonb_build_object('widget_key_hint', right(v_key, 4)));
+          jsonb_build_object('widget_key_hint', right(v_key, 4)),
+          nullif(current_setting('hiredhands.request_id', true), ''));
 
   return v_key;
 end

@@ -1,8 +1,8 @@
 """``hiredhands``: the local stack.
 
-  hiredhands db    embedded Postgres with bootstrap, migrations and seed; prints DATABASE_URL first
-  hiredhands dev   the whole stack: database, Redis behind the Upstash REST bridge, every function
-                   on one port at its vercel.json paths
+hiredhands db    embedded Postgres with bootstrap, migrations and seed; prints DATABASE_URL first
+hiredhands dev   the whole stack: database, Redis behind the Upstash REST bridge, every function
+                 on one port at its vercel.json paths
 """
 
 from __future__ import annotations

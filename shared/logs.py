@@ -90,6 +90,9 @@ def get_logger(name: str = "hiredhands") -> logging.Logger:
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
         logger.propagate = False
+        # At INFO, httpx logs full request URLs, and a Slack or Discord webhook's path is its credential.
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+        logging.getLogger("httpcore").setLevel(logging.WARNING)
     return logger
 
 

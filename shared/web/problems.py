@@ -14,6 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from shared.egress import EgressDenied
 from shared.errors import DomainError
 from shared.logs import DECISION_REASON, REQUEST_ID, log_event
 
@@ -49,6 +50,20 @@ async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
         raise exc
     return problem(
         request, status=exc.status, slug=exc.type_slug, title=exc.title, detail=exc.detail, headers=exc.headers
+    )
+
+
+async def _egress_denied(request: Request, exc: Exception) -> JSONResponse:
+    if not isinstance(exc, EgressDenied):  # registered for this type only
+        raise exc
+    # The customer's URL is refused by a rule; the message names the rule, never what it resolved to.
+    return problem(
+        request,
+        status=422,
+        slug=f"egress-denied/{exc.reason}",
+        title="This URL is not allowed",
+        detail=str(exc),
+        extra={"reason": str(exc.reason)},
     )
 
 
@@ -96,6 +111,7 @@ async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
 
 def install_problem_handlers(app: FastAPI) -> None:
     app.add_exception_handler(DomainError, _domain_error)
+    app.add_exception_handler(EgressDenied, _egress_denied)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected_error)

@@ -9,6 +9,7 @@ import pytest
 from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
 
+from shared.egress import check_url
 from shared.errors import Conflict, RateLimited
 from shared.web.app import create_app
 
@@ -41,7 +42,6 @@ async def boom() -> None:
     raise RuntimeError("password=hunter2 select * from secrets where key = " + SECRET_IN_ERROR)  # noqa: S608
 
 
-app = create_app("test-app", [router])
 
 
 @pytest.fixture
@@ -120,3 +120,21 @@ class TestLogLine:
         assert line["function"] == "test-app"
         assert line["request_id"].startswith("req_")
         assert key not in log_lines[0]
+
+
+@router.get("/t/egress")
+async def egress() -> None:
+    await check_url("http://169.254.169.254/latest/meta-data/iam/security-credentials/")
+
+
+class TestEgressDenied:
+    async def test_refused_url_is_a_422_naming_the_rule_not_the_address(self, client: httpx.AsyncClient) -> None:
+        response = await client.get("/t/egress")
+        assert response.status_code == 422
+        body = response.json()
+        assert body["reason"] == "metadata"
+        assert body["type"].endswith("/egress-denied/metadata")
+        assert "169.254" not in response.text
+
+
+app = create_app("test-app", [router])

@@ -1,0 +1,65 @@
+"""Monthly model budgets: an organization's limits and the reservations held against its cap.
+
+The arithmetic lives in Postgres (``supabase/migrations/*_create_usage_and_budgets.sql``):
+``private.reserve_budget`` locks the organization's limits row, so concurrent reservations of one
+organization queue behind each other and can never together pass ``monthly_budget_microusd``; it
+raises SQLSTATE HH402, which ``shared.db.errors`` turns into ``BudgetExhausted``. Settling and
+releasing live with the usage row in ``shared.metering``, so the two commit together.
+
+Like every domain function these take the caller's connection: they never commit, open a pool
+or choose a role. A reservation must be committed on its own (``as_service``) before the model is
+called, so that concurrent calls see it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from uuid import UUID
+
+from psycopg.rows import class_row
+
+from shared.db.errors import map_db_errors
+from shared.db.session import Connection
+
+
+@dataclass(frozen=True, slots=True)
+class OrgLimits:
+    org_id: UUID
+    plan: str
+    monthly_budget_microusd: int
+    burst_per_minute: int
+    widget_rpm_per_agent: int
+    widget_rpm_per_visitor: int
+    max_scan_pages: int
+
+
+_LIMITS = """
+select org_id, plan, monthly_budget_microusd, burst_per_minute,
+       widget_rpm_per_agent, widget_rpm_per_visitor, max_scan_pages
+  from public.organization_limits
+ where org_id = %(org_id)s
+"""
+
+_RESERVE = "select private.reserve_budget(%(org_id)s, %(amount)s) as id"
+
+
+async def load_limits(conn: Connection, org_id: UUID) -> OrgLimits | None:
+    """The organization's limits; ``None`` for an unknown organization."""
+    async with conn.cursor(row_factory=class_row(OrgLimits)) as cur:
+        await cur.execute(_LIMITS, {"org_id": org_id})
+        return await cur.fetchone()
+
+
+async def reserve(conn: Connection, *, org_id: UUID, amount_microusd: int) -> UUID:
+    """Hold ``amount_microusd`` of this month's budget; raises ``BudgetExhausted`` past the cap.
+
+    A reservation is at least one micro-dollar (the database refuses an empty hold), so even a
+    free call (the offline provider) is admitted only while the budget has room.
+    """
+    with map_db_errors():
+        cur = await conn.execute(_RESERVE, {"org_id": org_id, "amount": max(1, amount_microusd)})
+        row = await cur.fetchone()
+    if row is None or row["id"] is None:  # pragma: no cover - the function always returns an id
+        raise RuntimeError("reserve_budget returned no reservation")
+    reservation_id: UUID = row["id"]
+    return reservation_id

@@ -1,0 +1,101 @@
+"""Metering: one ``usage_events`` row per model call, and the settlement of its reservation.
+
+The row and the settlement are one SQL statement (the settle or release function runs in a CTE the
+insert reads from), so they commit together or not at all, in a single round trip:
+
+* outcome ``ok``: the reservation is settled to the real cost (``private.settle_reservation``);
+* outcome ``error`` or ``timeout``: the reservation is released and the row costs 0;
+* outcome ``rejected``: the budget refused the call, there is no reservation and no cost.
+
+``usage_events`` is append-only for every role (a trigger raises HH403 on update or delete).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+from uuid import UUID
+
+from shared.db.errors import map_db_errors
+from shared.db.session import Connection
+
+Kind = Literal["chat", "embedding"]
+Outcome = Literal["ok", "error", "timeout", "rejected"]
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    org_id: UUID
+    kind: Kind
+    model: str
+    outcome: Outcome
+    request_id: str
+    agent_id: UUID | None = None
+    conversation_id: UUID | None = None
+    scan_id: UUID | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_microusd: int = 0
+    latency_ms: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.outcome != "ok" and self.cost_microusd != 0:
+            raise ValueError("only a call that answered is charged")
+
+
+_SETTLE_AND_INSERT = """
+with settled as (select private.settle_reservation(%(reservation_id)s, %(cost_microusd)s))
+insert into public.usage_events
+  (org_id, agent_id, conversation_id, scan_id, kind, model, prompt_tokens, completion_tokens,
+   cost_microusd, latency_ms, outcome, request_id)
+select %(org_id)s, %(agent_id)s, %(conversation_id)s, %(scan_id)s, %(kind)s, %(model)s, %(prompt_tokens)s,
+       %(completion_tokens)s, %(cost_microusd)s, %(latency_ms)s, %(outcome)s, %(request_id)s
+  from settled
+returning id
+"""
+
+_RELEASE_AND_INSERT = """
+with released as (select private.release_reservation(%(reservation_id)s))
+insert into public.usage_events
+  (org_id, agent_id, conversation_id, scan_id, kind, model, prompt_tokens, completion_tokens,
+   cost_microusd, latency_ms, outcome, request_id)
+select %(org_id)s, %(agent_id)s, %(conversation_id)s, %(scan_id)s, %(kind)s, %(model)s, %(prompt_tokens)s,
+       %(completion_tokens)s, %(cost_microusd)s, %(latency_ms)s, %(outcome)s, %(request_id)s
+  from released
+returning id
+"""
+
+_INSERT = """
+insert into public.usage_events
+  (org_id, agent_id, conversation_id, scan_id, kind, model, prompt_tokens, completion_tokens,
+   cost_microusd, latency_ms, outcome, request_id)
+values (%(org_id)s, %(agent_id)s, %(conversation_id)s, %(scan_id)s, %(kind)s, %(model)s, %(prompt_tokens)s,
+        %(completion_tokens)s, %(cost_microusd)s, %(latency_ms)s, %(outcome)s, %(request_id)s)
+returning id
+"""
+
+
+async def record(conn: Connection, usage: Usage, *, reservation_id: UUID | None) -> int:
+    """Append ``usage`` and settle (``ok``) or release (any other outcome) its reservation.
+
+    Returns the usage row's id. A call that was refused before it was made has no reservation
+    (``reservation_id=None``, outcome ``rejected``).
+    """
+    params: dict[str, Any] = {**asdict(usage), "reservation_id": reservation_id}
+    if reservation_id is None:
+        if usage.outcome != "rejected":
+            raise ValueError("a call that was made always has a reservation")
+        query = _INSERT
+    elif usage.outcome == "ok":
+        query = _SETTLE_AND_INSERT
+    elif usage.outcome == "rejected":
+        raise ValueError("a rejected call has no reservation")
+    else:
+        query = _RELEASE_AND_INSERT
+    with map_db_errors():
+        cur = await conn.execute(query, params)
+        row = await cur.fetchone()
+    if row is None:  # pragma: no cover - an insert ... returning always returns the row
+        raise RuntimeError("the usage row was not written")
+    usage_event_id: int = row["id"]
+    return usage_event_id

@@ -1,0 +1,186 @@
+"""The only module that talks to a model provider: the openai SDK, against any OpenAI-compatible API.
+
+``openai`` is imported inside the functions that use it, so a function that never calls a model
+never pays for importing it on a cold start. Clients are created lazily, one per running event
+loop and configuration: Mangum may start a new loop per invocation, and an SDK client's HTTP pool
+belongs to the loop it was first used on. Every client has ``max_retries=0``: a retried call may
+have been billed already, and the caller's reservation covers exactly one call.
+
+Failures come back as ``ProviderFailure`` with an outcome for the usage row (``timeout`` or
+``error``) and an enumerated reason for the log; the provider's own error text never leaves this
+module, so it cannot reach a visitor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, cast
+
+from shared.gateway.schemas import ToolCall
+from shared.gateway.tools import parse_arguments
+from shared.logs import log_event
+from shared.settings import Settings
+
+if TYPE_CHECKING:
+    from openai import AsyncOpenAI
+    from openai.types.chat import ChatCompletionMessageParam, ChatCompletionToolParam
+
+ProviderRole = Literal["system", "user", "assistant"]
+FailureOutcome = Literal["error", "timeout"]
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderConfig:
+    api_key: str
+    base_url: str
+    timeout_seconds: float
+
+
+def config_from(settings: Settings) -> ProviderConfig | None:
+    """The provider to call; ``None`` when no API key is configured (the offline provider answers)."""
+    api_key = settings.openai_api_key.get_secret_value().strip()
+    if not api_key:
+        return None
+    return ProviderConfig(api_key, settings.openai_base_url, settings.model_timeout_seconds)
+
+
+class ProviderFailure(Exception):
+    def __init__(self, outcome: FailureOutcome, reason: str) -> None:
+        self.outcome: FailureOutcome = outcome
+        self.reason = reason
+        super().__init__(reason)
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    content: str
+    tool_calls: list[ToolCall]
+    prompt_tokens: int | None
+    completion_tokens: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Embeddings:
+    vectors: list[list[float]]
+    prompt_tokens: int | None
+
+
+_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[ProviderConfig, AsyncOpenAI]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _client(config: ProviderConfig) -> AsyncOpenAI:
+    per_loop = _clients.setdefault(asyncio.get_running_loop(), {})
+    client = per_loop.get(config)
+    if client is None:
+        from openai import AsyncOpenAI
+
+        client = AsyncOpenAI(
+            api_key=config.api_key,
+            base_url=config.base_url,
+            timeout=config.timeout_seconds,
+            max_retries=0,
+        )
+        per_loop[config] = client
+    return client
+
+
+async def close_clients() -> None:
+    """Close the running loop's clients (test teardown, the end of a worker run)."""
+    for client in _clients.pop(asyncio.get_running_loop(), {}).values():
+        await client.close()
+
+
+async def complete(
+    config: ProviderConfig,
+    *,
+    model: str,
+    messages: Sequence[tuple[ProviderRole, str]],
+    tools: list[dict[str, Any]] | None,
+    max_tokens: int,
+    temperature: float,
+    request_id: str,
+) -> Completion:
+    import openai
+
+    params: list[ChatCompletionMessageParam] = []
+    for role, content in messages:
+        if role == "system":
+            params.append({"role": "system", "content": content})
+        elif role == "user":
+            params.append({"role": "user", "content": content})
+        else:
+            params.append({"role": "assistant", "content": content})
+    client = _client(config)
+    try:
+        async with asyncio.timeout(config.timeout_seconds):
+            response = await client.chat.completions.create(
+                model=model,
+                messages=params,
+                tools=cast("list[ChatCompletionToolParam]", tools) if tools else openai.omit,
+                max_completion_tokens=max_tokens,
+                temperature=temperature,
+                extra_headers={"X-Client-Request-Id": request_id},
+            )
+    except (TimeoutError, openai.APITimeoutError):
+        raise ProviderFailure("timeout", "model-timeout") from None
+    except openai.APIStatusError as exc:
+        raise ProviderFailure("error", f"model-status-{exc.status_code}") from None
+    except openai.APIConnectionError:
+        raise ProviderFailure("error", "model-connection") from None
+    except openai.OpenAIError:
+        raise ProviderFailure("error", "model-error") from None
+
+    try:
+        message = response.choices[0].message
+        calls: list[ToolCall] = []
+        for call in message.tool_calls or []:
+            if call.type != "function":
+                continue
+            arguments = parse_arguments(call.function.arguments)
+            if arguments is None:
+                # Keep the intent (a visitor asking for a person still is one); the caller validates values.
+                log_event("tool arguments were not a JSON object", decision_reason="tool-arguments-invalid")
+                arguments = {}
+            calls.append(ToolCall(call.function.name, arguments))
+        usage = response.usage
+        return Completion(
+            content=message.content or "",
+            tool_calls=calls,
+            prompt_tokens=usage.prompt_tokens if usage is not None else None,
+            completion_tokens=usage.completion_tokens if usage is not None else None,
+        )
+    except (AttributeError, IndexError, KeyError, TypeError, ValueError):
+        raise ProviderFailure("error", "model-malformed-response") from None
+
+
+async def embed(config: ProviderConfig, *, model: str, texts: list[str], dimensions: int) -> Embeddings:
+    import openai
+
+    client = _client(config)
+    try:
+        async with asyncio.timeout(config.timeout_seconds):
+            response = await client.embeddings.create(model=model, input=texts)
+    except (TimeoutError, openai.APITimeoutError):
+        raise ProviderFailure("timeout", "model-timeout") from None
+    except openai.APIStatusError as exc:
+        raise ProviderFailure("error", f"model-status-{exc.status_code}") from None
+    except openai.APIConnectionError:
+        raise ProviderFailure("error", "model-connection") from None
+    except openai.OpenAIError:
+        raise ProviderFailure("error", "model-error") from None
+
+    try:
+        ordered = sorted(response.data, key=lambda item: item.index)
+        vectors = [[float(x) for x in item.embedding] for item in ordered]
+        usage = response.usage
+        prompt_tokens = usage.prompt_tokens if usage is not None else None
+    except (AttributeError, IndexError, KeyError, TypeError, ValueError):
+        raise ProviderFailure("error", "model-malformed-response") from None
+    if len(vectors) != len(texts) or any(len(v) != dimensions for v in vectors):
+        raise ProviderFailure("error", "model-malformed-response")
+    return Embeddings(vectors, prompt_tokens)

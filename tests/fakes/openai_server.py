@@ -1,0 +1,220 @@
+"""A loopback OpenAI-compatible server: the model provider, replaced at the network edge.
+
+``start_fake_openai()`` serves, on 127.0.0.1 and a free port, in a thread of its own:
+
+* ``POST /v1/chat/completions``: a ``chat.completion`` with the scripted ``reply`` (text and/or
+  function tool calls) and its usage;
+* ``POST /v1/embeddings``: one deterministic unit vector per input (derived from the text, or
+  taken from ``vectors``), as floats or base64 (what the SDK asks for by default), with usage.
+
+Every request is recorded (path, JSON body, headers) before anything else happens, so a test can
+assert that no call was made at all. ``delay_seconds`` holds each answer back (timeouts),
+``fail_status`` answers with an OpenAI-shaped error, ``raw_body`` answers with any JSON at all.
+A wrong bearer token gets a 401, as from OpenAI. Tests point the gateway at it with
+``OPENAI_BASE_URL=<fake.base_url>`` and ``OPENAI_API_KEY=<fake.api_key>``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import random
+import secrets
+import socket
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+
+@dataclass
+class ScriptedReply:
+    content: str | None = "Happy to help with that."
+    tool_calls: list[tuple[str, dict[str, Any] | str]] = field(default_factory=list)
+    """(name, arguments): a dict is sent as JSON, a string as it is (to send malformed arguments)."""
+    prompt_tokens: int | None = 100
+    completion_tokens: int | None = 20
+    """``None`` for either: the response has no ``usage`` object, as some compatible servers do."""
+
+
+@dataclass(frozen=True)
+class RecordedRequest:
+    path: str
+    body: dict[str, Any]
+    headers: dict[str, str]
+
+
+class FakeOpenAI:
+    def __init__(self, api_key: str) -> None:
+        self.api_key = api_key
+        self.base_url = ""
+        self.requests: list[RecordedRequest] = []
+        self.request_arrived = threading.Event()
+        """Set when a request arrives (the server runs in another thread; wait with ``asyncio.to_thread``)."""
+        self.reply = ScriptedReply()
+        self.delay_seconds = 0.0
+        self.fail_status: int | None = None
+        self.raw_body: Any = None
+        self.embedding_dimensions = 1536
+        self.vectors: dict[str, list[float]] = {}
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+
+    def reset(self) -> None:
+        self.requests.clear()
+        self.request_arrived.clear()
+        self.reply = ScriptedReply()
+        self.delay_seconds = 0.0
+        self.fail_status = None
+        self.raw_body = None
+        self.embedding_dimensions = 1536
+        self.vectors = {}
+
+    def requests_to(self, path: str) -> list[RecordedRequest]:
+        return [r for r in self.requests if r.path == path]
+
+    def stop(self) -> None:
+        if self._server is not None and self._thread is not None:
+            self._server.should_exit = True
+            self._thread.join(10)
+
+    # -- the app -------------------------------------------------------------------------------
+
+    def app(self) -> Starlette:
+        return Starlette(
+            routes=[
+                Route("/v1/chat/completions", self._chat, methods=["POST"]),
+                Route("/v1/embeddings", self._embeddings, methods=["POST"]),
+            ]
+        )
+
+    async def _prelude(self, request: Request) -> tuple[dict[str, Any], JSONResponse | None]:
+        body = await request.json()
+        self.requests.append(RecordedRequest(request.url.path, body, dict(request.headers)))
+        self.request_arrived.set()
+        if request.headers.get("authorization") != f"Bearer {self.api_key}":
+            return body, _error(401, "Incorrect API key provided.", "invalid_request_error")
+        if self.delay_seconds:
+            await asyncio.sleep(self.delay_seconds)
+        if self.fail_status is not None:
+            return body, _error(self.fail_status, "The server had an error processing your request.", "server_error")
+        if self.raw_body is not None:
+            return body, JSONResponse(self.raw_body)
+        return body, None
+
+    async def _chat(self, request: Request) -> JSONResponse:
+        body, early = await self._prelude(request)
+        if early is not None:
+            return early
+        reply = self.reply
+        message: dict[str, Any] = {"role": "assistant", "content": reply.content, "refusal": None}
+        if reply.tool_calls:
+            message["tool_calls"] = [
+                {
+                    "id": f"call_{secrets.token_hex(8)}",
+                    "type": "function",
+                    "function": {
+                        "name": name,
+                        "arguments": arguments if isinstance(arguments, str) else json.dumps(arguments),
+                    },
+                }
+                for name, arguments in reply.tool_calls
+            ]
+        payload: dict[str, Any] = {
+            "id": f"chatcmpl-{secrets.token_hex(12)}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": body.get("model", ""),
+            "choices": [
+                {
+                    "index": 0,
+                    "message": message,
+                    "finish_reason": "tool_calls" if reply.tool_calls else "stop",
+                    "logprobs": None,
+                }
+            ],
+        }
+        if reply.prompt_tokens is not None and reply.completion_tokens is not None:
+            payload["usage"] = {
+                "prompt_tokens": reply.prompt_tokens,
+                "completion_tokens": reply.completion_tokens,
+                "total_tokens": reply.prompt_tokens + reply.completion_tokens,
+            }
+        return JSONResponse(payload)
+
+    async def _embeddings(self, request: Request) -> JSONResponse:
+        body, early = await self._prelude(request)
+        if early is not None:
+            return early
+        inputs = body.get("input")
+        texts = [inputs] if isinstance(inputs, str) else list(inputs or [])
+        as_base64 = body.get("encoding_format") == "base64"
+        data = []
+        for index, text in enumerate(texts):
+            vector = self.vectors.get(text) or unit_vector(text, self.embedding_dimensions)
+            encoded: Any = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode() if as_base64 else vector
+            data.append({"object": "embedding", "index": index, "embedding": encoded})
+        tokens = sum(len(str(text).split()) for text in texts)
+        return JSONResponse(
+            {
+                "object": "list",
+                "data": data,
+                "model": body.get("model", ""),
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            }
+        )
+
+
+def unit_vector(text: str, dimensions: int = 1536) -> list[float]:
+    """A deterministic pseudo-random unit vector for ``text``."""
+    rng = random.Random(hashlib.sha256(text.encode()).digest())
+    raw = [rng.gauss(0.0, 1.0) for _ in range(dimensions)]
+    norm = sum(x * x for x in raw) ** 0.5
+    return [x / norm for x in raw]
+
+
+def _error(status: int, message: str, kind: str) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": None}}, status_code=status)
+
+
+def start_fake_openai(*, startup_timeout_seconds: float = 10.0) -> FakeOpenAI:
+    fake = FakeOpenAI(api_key=f"sk-fake-{secrets.token_hex(12)}")
+    # IPPROTO_TCP so asyncio sets TCP_NODELAY (no delayed-ACK stalls on loopback).
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", 0))
+    host, port = listener.getsockname()[:2]
+    config = uvicorn.Config(fake.app(), lifespan="off", ws="none", log_level="warning", access_log=False)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, name="fake-openai", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + startup_timeout_seconds
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
+            listener.close()
+            raise RuntimeError("the fake OpenAI server did not start")
+        time.sleep(0.01)
+    fake.base_url = f"http://{host}:{port}/v1"
+    fake._server, fake._thread = server, thread
+    return fake
+
+
+@contextmanager
+def running_fake_openai() -> Iterator[FakeOpenAI]:
+    fake = start_fake_openai()
+    try:
+        yield fake
+    finally:
+        fake.stop()

@@ -2,7 +2,7 @@
 
 Real sockets on 127.0.0.1 (one threaded HTTP/1.1 server per provider), reached by the code under test
 through the egress guard with an explicit exception for exactly these ``ip:port`` pairs
-(`test_environment`). Each fake answers the way its provider's API documentation says it does, for
+(`environment_for`). Each fake answers the way its provider's API documentation says it does, for
 valid, revoked, wrong-scope and deleted credentials, and records every request it receives.
 """
 
@@ -498,7 +498,7 @@ class Fakes:
             fake.reset()
 
 
-def test_environment(servers: list[FakeServer], resolver: MappingResolver) -> ProviderEnvironment:
+def environment_for(servers: list[FakeServer], resolver: MappingResolver) -> ProviderEnvironment:
     """Production's rules, pointed at the fakes: only their exact ip:port pairs are excepted."""
     ports = frozenset(s.port for s in servers)
     policy = EgressPolicy(
@@ -531,7 +531,7 @@ def running_fakes() -> Iterator[Fakes]:
     assert isinstance(slack, FakeSlack) and isinstance(discord, FakeDiscord) and isinstance(github, FakeGitHub)
     assert isinstance(notion, FakeNotion) and isinstance(webhook, FakeWebhook)
     try:
-        yield Fakes(slack, discord, github, notion, webhook, resolver, test_environment(servers, resolver))
+        yield Fakes(slack, discord, github, notion, webhook, resolver, environment_for(servers, resolver))
     finally:
         for server in servers:
             server.stop()

@@ -1,0 +1,94 @@
+"""Rate limits: how many hits a (bucket, identifier) pair may make per window, counted in Redis.
+
+A bucket names one limit ("widget-agent", "org-burst"); the identifier is what is limited within it
+(an agent id, an organization id, an address). Keys are ``hh:rl:<bucket>:<identifier>:<window>``.
+
+Algorithm: upstash-ratelimit's sliding window. A fixed window lets a client spend its whole limit
+at the end of one window and again at the start of the next, twice the limit within a few seconds,
+which is exactly the burst these limits exist to stop. A sliding window counts the current window
+plus the previous one weighted by how much of it still overlaps the last ``window_seconds``, so no
+stretch of ``window_seconds`` admits much more than ``limit``. It costs the same as a fixed window:
+two counters per identifier and one script call (one HTTP round trip) per hit, atomic in Redis, and
+it keeps the "N per window" meaning a limit is configured with, which a token bucket would not.
+
+This module decides; it raises no HTTP error. The caller turns a denial into
+``shared.errors.RateLimited(decision.retry_after)``. Redis failures propagate (``UpstashError``,
+``httpx.HTTPError``): whether a limit fails open or closed is the caller's decision.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from dataclasses import dataclass
+
+from upstash_ratelimit.asyncio import SlidingWindow
+from upstash_redis.asyncio import Redis
+
+KEY_PREFIX = "hh:rl"
+MAX_IDENTIFIER_LENGTH = 256
+# No ":" in a bucket, so a bucket's keys can never be confused with another bucket's.
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitDecision:
+    allowed: bool
+    limit: int
+    remaining: int
+    reset_at: float
+    """Unix time, in seconds, at which the current window ends."""
+    retry_after: int
+    """Whole seconds to wait before a retry can pass: 0 when allowed, at least 1 when denied."""
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitRule:
+    """A named limit, declared once where it is enforced: ``RateLimitRule("widget-agent", 30, 60)``."""
+
+    bucket: str
+    limit: int
+    window_seconds: int
+
+    def __post_init__(self) -> None:
+        _check_rule(self.bucket, self.limit, self.window_seconds)
+
+
+def _check_rule(bucket: str, limit: int, window_seconds: int) -> None:
+    if not _BUCKET.fullmatch(bucket):
+        raise ValueError("a rate-limit bucket is 1-64 characters of a-z, 0-9, '_', '.', '-'")
+    if limit < 1 or window_seconds < 1:
+        raise ValueError("a rate limit needs limit >= 1 and window_seconds >= 1")
+
+
+def bucket_prefix(bucket: str) -> str:
+    """Every key of ``bucket`` starts with this, followed by ``:<identifier>:<window>``."""
+    return f"{KEY_PREFIX}:{bucket}"
+
+
+async def hit(redis: Redis, *, bucket: str, identifier: str, limit: int, window_seconds: int) -> RateLimitDecision:
+    """Count one hit for ``identifier`` in ``bucket`` and decide whether it may pass."""
+    _check_rule(bucket, limit, window_seconds)
+    if not identifier or len(identifier) > MAX_IDENTIFIER_LENGTH:
+        raise ValueError(f"a rate-limit identifier is 1-{MAX_IDENTIFIER_LENGTH} characters")
+    limiter = SlidingWindow(max_requests=limit, window=window_seconds, unit="s")
+    # The same key as upstash_ratelimit.asyncio.Ratelimit(prefix=...).limit(identifier). The limiter is
+    # called directly because constructing a Ratelimit on every hit appends to the client's telemetry
+    # header each time when telemetry is enabled.
+    response = await limiter.limit_async(redis, f"{bucket_prefix(bucket)}:{identifier}")
+    retry_after = 0 if response.allowed else max(1, math.ceil(response.reset - time.time()))
+    return RateLimitDecision(
+        allowed=response.allowed,
+        limit=response.limit,
+        remaining=response.remaining,
+        reset_at=response.reset,
+        retry_after=retry_after,
+    )
+
+
+async def check(redis: Redis, rule: RateLimitRule, identifier: str) -> RateLimitDecision:
+    """``hit`` for a declared rule."""
+    return await hit(
+        redis, bucket=rule.bucket, identifier=identifier, limit=rule.limit, window_seconds=rule.window_seconds
+    )

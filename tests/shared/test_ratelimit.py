@@ -1,0 +1,113 @@
+"""Rate limits through upstash-ratelimit, the REST bridge and the real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import redis
+from upstash_redis.asyncio import Redis
+
+from shared.ratelimit import RateLimitRule, bucket_prefix, check, hit
+
+# Long windows keep a test from straddling a window boundary; the last test uses a short one on purpose.
+HOUR = 3600
+
+
+@pytest.fixture
+def bucket(direct_redis: redis.Redis) -> Iterator[str]:
+    name = f"test-{uuid.uuid4().hex[:16]}"
+    yield name
+    keys = list(direct_redis.scan_iter(match=f"{bucket_prefix(name)}:*", count=1000))
+    if keys:
+        direct_redis.delete(*keys)
+
+
+class TestHit:
+    async def test_allows_exactly_the_limit_then_denies_with_a_retry_after(self, upstash: Redis, bucket: str) -> None:
+        decisions = [
+            await hit(upstash, bucket=bucket, identifier="agent-1", limit=3, window_seconds=HOUR) for _ in range(5)
+        ]
+        assert [d.allowed for d in decisions] == [True, True, True, False, False]
+        assert [d.remaining for d in decisions] == [2, 1, 0, 0, 0]
+        assert all(d.limit == 3 for d in decisions)
+        assert all(d.retry_after == 0 for d in decisions[:3])
+        denied = decisions[3]
+        assert 0 < denied.retry_after <= HOUR
+        assert denied.retry_after >= denied.reset_at - time.time() > 0
+
+    async def test_each_identifier_has_its_own_count(self, upstash: Redis, bucket: str) -> None:
+        for _ in range(2):
+            assert (await hit(upstash, bucket=bucket, identifier="a", limit=2, window_seconds=HOUR)).allowed
+        assert not (await hit(upstash, bucket=bucket, identifier="a", limit=2, window_seconds=HOUR)).allowed
+        other = await hit(upstash, bucket=bucket, identifier="b", limit=2, window_seconds=HOUR)
+        assert (other.allowed, other.remaining) == (True, 1)
+
+    async def test_each_bucket_has_its_own_count(self, upstash: Redis, bucket: str, direct_redis: redis.Redis) -> None:
+        other_bucket = f"{bucket}-other"
+        try:
+            assert (await hit(upstash, bucket=bucket, identifier="a", limit=1, window_seconds=HOUR)).allowed
+            assert (await hit(upstash, bucket=other_bucket, identifier="a", limit=1, window_seconds=HOUR)).allowed
+        finally:
+            keys = list(direct_redis.scan_iter(match=f"{bucket_prefix(other_bucket)}:*"))
+            if keys:
+                direct_redis.delete(*keys)
+
+    async def test_concurrent_hits_never_exceed_the_limit(self, upstash: Redis, bucket: str) -> None:
+        decisions = await asyncio.gather(
+            *(hit(upstash, bucket=bucket, identifier="a", limit=5, window_seconds=HOUR) for _ in range(20))
+        )
+        assert sum(d.allowed for d in decisions) == 5
+
+    async def test_counts_live_under_the_bucket_prefix_with_an_expiry(
+        self, upstash: Redis, bucket: str, direct_redis: redis.Redis
+    ) -> None:
+        await hit(upstash, bucket=bucket, identifier="org-7", limit=10, window_seconds=HOUR)
+        keys = list(direct_redis.scan_iter(match=f"hh:rl:{bucket}:org-7:*"))
+        assert len(keys) == 1
+        assert direct_redis.get(keys[0]) == b"1"
+        assert 0 < direct_redis.pttl(keys[0]) <= 2 * HOUR * 1000 + 1000
+
+    async def test_a_denied_caller_passes_again_after_retry_after(self, upstash: Redis, bucket: str) -> None:
+        # Hit until denied: with a one-second window two hits may straddle a boundary.
+        for _ in range(3):
+            denied = await hit(upstash, bucket=bucket, identifier="a", limit=1, window_seconds=1)
+            if not denied.allowed:
+                break
+        assert not denied.allowed
+        await asyncio.sleep(denied.retry_after)
+        assert (await hit(upstash, bucket=bucket, identifier="a", limit=1, window_seconds=1)).allowed
+
+    @pytest.mark.parametrize(
+        ("bucket_name", "identifier", "limit", "window_seconds"),
+        [
+            ("has:colon", "a", 1, 1),
+            ("Upper", "a", 1, 1),
+            ("", "a", 1, 1),
+            ("ok", "", 1, 1),
+            ("ok", "x" * 257, 1, 1),
+            ("ok", "a", 0, 1),
+            ("ok", "a", 1, 0),
+        ],
+    )
+    async def test_malformed_limits_are_refused_before_redis(
+        self, upstash: Redis, bucket_name: str, identifier: str, limit: int, window_seconds: int
+    ) -> None:
+        with pytest.raises(ValueError, match=r"rate-limit|rate limit"):
+            await hit(upstash, bucket=bucket_name, identifier=identifier, limit=limit, window_seconds=window_seconds)
+
+
+class TestRule:
+    async def test_check_applies_a_declared_rule(self, upstash: Redis, bucket: str) -> None:
+        rule = RateLimitRule(bucket, limit=1, window_seconds=HOUR)
+        assert (await check(upstash, rule, "agent-9")).allowed
+        denied = await check(upstash, rule, "agent-9")
+        assert not denied.allowed
+        assert denied.retry_after >= 1
+
+    def test_a_malformed_rule_cannot_be_declared(self) -> None:
+        with pytest.raises(ValueError, match="bucket"):
+            RateLimitRule("no:colons", limit=1, window_seconds=1)

@@ -271,11 +271,12 @@ async def _check_burst(usage: Usage, limit: int) -> None:
         )
     except Exception as exc:
         # Fail open: the monthly budget in Postgres still caps what this organization can spend.
-        log_event(
+        _log(
+            usage,
             "burst limit not checked: Redis is unreachable",
             logging.WARNING,
-            **{REQUEST_ID: usage.request_id, ORG_ID: str(usage.org_id)},
-            **{DECISION_REASON: "burst-limit-unavailable", "error_type": type(exc).__name__},
+            "burst-limit-unavailable",
+            error_type=type(exc).__name__,
         )
         return
     if not decision.allowed:
@@ -326,14 +327,16 @@ def _elapsed_ms(started: float) -> int:
     return max(0, round((time.perf_counter() - started) * 1000))
 
 
-def _log(usage: Usage, message: str, level: int, reason: str) -> None:
+def _log(usage: Usage, message: str, level: int, reason: str, **extra: Any) -> None:
     fields: dict[str, Any] = {
         REQUEST_ID: usage.request_id,
         ORG_ID: str(usage.org_id),
         DECISION_REASON: reason,
         "model": usage.model,
-        "outcome": usage.outcome,
+        **extra,
     }
+    if usage.outcome != "ok":  # before a call, a usage record's outcome is only a default
+        fields["outcome"] = usage.outcome
     if usage.latency_ms is not None:
         fields[LATENCY_MS] = usage.latency_ms
     log_event(message, level, **fields)

@@ -56,6 +56,8 @@ class Settings(BaseSettings):
     # Several secrets during rotation, comma separated.
     stripe_webhook_secrets: SecretStr = SecretStr("")
     stripe_api_base: str = "https://api.stripe.com"
+    # The dashboard's origin: Stripe Checkout and the Customer Portal send people back here.
+    dashboard_url: str = "http://localhost:3000"
 
     # Bounds every request body before it is parsed.
     max_body_bytes: int = Field(default=64 * 1024, ge=1024)
@@ -80,6 +82,8 @@ class Settings(BaseSettings):
             missing.append("SUPABASE_JWKS_URL or SUPABASE_JWT_SECRET")
         if not self.upstash_redis_rest_url:
             missing.append("UPSTASH_REDIS_REST_URL")
+        if not self.dashboard_url.startswith("https://"):
+            missing.append("DASHBOARD_URL (https)")
         if missing:
             # Names only: the values themselves never appear in an error.
             raise ValueError(f"production requires these settings: {', '.join(missing)}")

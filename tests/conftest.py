@@ -13,15 +13,19 @@ import fcntl
 import hashlib
 import logging
 import os
+import secrets
 import tempfile
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import psycopg
 import pytest
+import redis
 from psycopg import AsyncConnection
 from psycopg.rows import DictRow, dict_row
+from upstash_redis.asyncio import Redis
 
 # Configuration for the code under test, set before anything reads settings.
 os.environ.update(
@@ -43,7 +47,9 @@ from shared.local.database import (  # noqa: E402
     schema_fingerprint,
     start_server,
 )
+from shared.local.redis_bridge import start_bridge  # noqa: E402
 from shared.logs import JsonFormatter, get_logger  # noqa: E402
+from shared.redis import make_redis  # noqa: E402
 from shared.settings import get_settings  # noqa: E402
 
 Connection = AsyncConnection[DictRow]
@@ -80,12 +86,15 @@ def template_db(pg_server: LocalServer) -> str:
 
 
 @pytest.fixture(scope="session")
-def worker_db(pg_server: LocalServer, template_db: str, worker_id: str) -> str:
-    name = f"hh_test_{worker_id}"
+def worker_db(pg_server: LocalServer, template_db: str, worker_id: str) -> Iterator[str]:
+    # The process id keeps concurrent test runs on one machine out of each other's databases.
+    name = f"hh_test_{worker_id}_{os.getpid()}"
     create_database(pg_server, name, template=template_db, replace=True)
     os.environ["DATABASE_URL"] = pg_server.url(name, user="authenticator")
     get_settings.cache_clear()
-    return name
+    yield name
+    with psycopg.connect(pg_server.url(), autocommit=True) as conn:
+        conn.execute(f'drop database if exists "{name}" with (force)')
 
 
 @pytest.fixture(scope="session")
@@ -153,3 +162,51 @@ def log_lines() -> Iterator[list[str]]:
         yield collector.lines
     finally:
         logger.removeHandler(collector)
+
+
+REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def redis_bridge() -> Iterator[tuple[str, str]]:
+    """The Upstash REST bridge in front of the real Redis, configured for every test's code.
+
+    Yields ``(url, token)``: what UPSTASH_REDIS_REST_URL and UPSTASH_REDIS_REST_TOKEN are in production.
+    """
+    running = start_bridge(REDIS_URL, secrets.token_urlsafe(24))
+    os.environ["UPSTASH_REDIS_REST_URL"] = running.url
+    os.environ["UPSTASH_REDIS_REST_TOKEN"] = running.token
+    get_settings.cache_clear()
+    try:
+        yield running.url, running.token
+    finally:
+        running.stop()
+
+
+@pytest.fixture
+def direct_redis() -> Iterator[redis.Redis]:
+    """A plain TCP client to the same Redis, to look behind the bridge."""
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def key_prefix(direct_redis: redis.Redis) -> Iterator[str]:
+    prefix = f"test:{uuid.uuid4().hex}:"
+    yield prefix
+    keys = list(direct_redis.scan_iter(match=f"{prefix}*", count=1000))
+    if keys:
+        direct_redis.delete(*keys)
+
+
+@pytest.fixture
+async def upstash(redis_bridge: tuple[str, str]) -> AsyncIterator[Redis]:
+    url, token = redis_bridge
+    client = make_redis(url, token)
+    try:
+        yield client
+    finally:
+        await client.close()

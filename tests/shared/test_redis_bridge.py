@@ -26,7 +26,7 @@ from upstash_redis.errors import UpstashError
 from shared.local.redis_bridge import create_bridge, portable_script
 from shared.redis import close_redis, get_redis, make_redis
 from shared.settings import get_settings
-from tests.shared.conftest import REDIS_URL
+from tests.conftest import REDIS_URL
 
 # What upstash-ratelimit declares; stock Redis refuses the flag.
 UPSTASH_SCRIPT = '#!lua flags=allow-key-locking\nreturn redis.call("INCRBY", KEYS[1], ARGV[1])'

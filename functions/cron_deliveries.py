@@ -1,0 +1,30 @@
+"""GET /api/cron/deliveries: the delivery outbox worker, run by Vercel Cron every minute.
+
+Only the scheduler may call it (CRON_SECRET bearer). Each run claims due deliveries with
+FOR UPDATE SKIP LOCKED, so overlapping runs cooperate; see shared/connections/delivery.py.
+"""
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends
+from mangum import Mangum
+
+from shared.connections.delivery import run_deliveries
+from shared.connections.providers import ProviderEnvironment, get_provider_environment
+from shared.web.app import create_app
+from shared.web.cron import CronCaller
+from shared.web.deps import Db
+
+router = APIRouter()
+
+
+@router.get("/api/cron/deliveries")
+async def deliveries(
+    _: CronCaller, db: Db, env: Annotated[ProviderEnvironment, Depends(get_provider_environment)]
+) -> dict[str, int]:
+    report = await run_deliveries(db, env=env)
+    return report.as_dict()
+
+
+app = create_app("cron_deliveries", [router])
+lambda_handler = Mangum(app, lifespan="off")

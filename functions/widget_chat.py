@@ -1,0 +1,59 @@
+"""The public chat widget: GET /api/widget/{key}/config, POST /api/widget/{key}/chat, and their preflights.
+
+Anyone on the internet can call these; docs/widget.md lists what each answer means and why.
+"""
+
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Request, Response
+from mangum import Mangum
+
+from shared.web.app import create_app
+from shared.web.deps import Db
+from shared.widget import service
+from shared.widget.schemas import ChatReply, ChatRequest, WidgetConfig
+
+router = APIRouter()
+
+OriginHeader = Annotated[str | None, Header(alias="origin")]
+
+
+@router.get("/api/widget/{key}/config")
+async def config(key: str, db: Db, response: Response, origin: OriginHeader = None) -> WidgetConfig:
+    served = await service.widget_config(db, key=key, origin=origin)
+    response.headers.update(served.headers)
+    return served.body
+
+
+@router.options("/api/widget/{key}/config")
+@router.options("/api/widget/{key}/chat")
+async def preflight(key: str, db: Db, origin: OriginHeader = None) -> Response:
+    return Response(status_code=204, headers=await service.preflight(db, key=key, origin=origin))
+
+
+@router.post("/api/widget/{key}/chat")
+async def chat(
+    key: str,
+    body: ChatRequest,
+    request: Request,
+    response: Response,
+    db: Db,
+    origin: OriginHeader = None,
+    authorization: Annotated[str | None, Header()] = None,
+    x_real_ip: Annotated[str | None, Header()] = None,
+) -> ChatReply:
+    served = await service.chat(
+        db,
+        key=key,
+        origin=origin,
+        token=service.bearer_token(authorization),
+        request=body,
+        client_address=service.client_address(x_real_ip, request.client),
+        request_id=request.state.request_id,
+    )
+    response.headers.update(served.headers)
+    return served.body
+
+
+app = create_app("widget_chat", [router])
+lambda_handler = Mangum(app, lifespan="off")

@@ -1,0 +1,1009 @@
+"""The public widget from the attacker's side, through the deployed function and its real dependencies.
+
+Postgres and Redis (behind the Upstash REST bridge) are real; the model provider is the loopback
+server of tests/fakes/openai_server.py, reached through the settings exactly as OpenAI is in
+production; nothing of ours is patched.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import secrets
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+import jwt
+import psycopg
+import pytest
+import redis
+from fastapi import FastAPI
+from psycopg import AsyncConnection
+
+from shared.db.errors import map_db_errors
+from shared.db.session import as_user, get_database
+from shared.gateway import CAPTURE_LEAD, ESCALATE, close_clients
+from shared.redis import close_redis
+from shared.settings import get_settings
+from shared.widget import visitor_tokens
+from shared.widget.schemas import MAX_CONVERSATION_MESSAGES, MAX_MESSAGE_CHARS
+from shared.widget.service import MODEL_FAILURE_REPLY
+from tests.conftest import Connection, TransactionDatabase
+from tests.factories import add_member, create_agent, create_org, user_claims
+from tests.fakes.openai_server import FakeOpenAI, running_fake_openai
+
+ORIGIN = "https://shop.example"
+OTHER_ORIGIN = "https://evil.example"
+Configure = Callable[..., None]
+
+
+# -- fixtures -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fake_openai() -> Iterator[FakeOpenAI]:
+    with running_fake_openai() as fake:
+        yield fake
+
+
+@pytest.fixture
+async def configure(monkeypatch: pytest.MonkeyPatch, redis_bridge: tuple[str, str]) -> AsyncIterator[Configure]:
+    """The function's environment: Redis through the REST bridge, no model key (offline) unless set."""
+
+    def set_env(**values: str) -> None:
+        for name, value in values.items():
+            monkeypatch.setenv(name, value)
+        get_settings.cache_clear()
+
+    url, token = redis_bridge
+    set_env(UPSTASH_REDIS_REST_URL=url, UPSTASH_REDIS_REST_TOKEN=token)
+    await close_redis()
+    yield set_env
+    await close_clients()
+    await close_redis()
+    monkeypatch.undo()
+    get_settings.cache_clear()
+
+
+@pytest.fixture
+def online(configure: Configure, fake_openai: FakeOpenAI) -> FakeOpenAI:
+    fake_openai.reset()
+    configure(OPENAI_API_KEY=fake_openai.api_key, OPENAI_BASE_URL=fake_openai.base_url, MODEL_TIMEOUT_SECONDS="5")
+    return fake_openai
+
+
+@pytest.fixture
+async def app() -> FastAPI:
+    # Imported on the running loop: Mangum's constructor creates an event loop when none is running.
+    module = importlib.import_module("functions.widget_chat")
+    function_app: FastAPI = module.app
+    return function_app
+
+
+@pytest.fixture
+async def client(app: FastAPI, db: Connection, configure: Configure) -> AsyncIterator[httpx.AsyncClient]:
+    app.dependency_overrides[get_database] = lambda: TransactionDatabase(db)
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="https://api.hiredhands.test") as http:
+            yield http
+    finally:
+        app.dependency_overrides.clear()
+
+
+@pytest.fixture
+def forget_rate_limits(direct_redis: redis.Redis) -> Iterator[list[uuid.UUID]]:
+    """Agents whose widget counters are deleted after the test."""
+    agents: list[uuid.UUID] = []
+    yield agents
+    for agent_id in agents:
+        keys = [
+            *direct_redis.scan_iter(match=f"hh:rl:widget-*:{agent_id}*"),
+        ]
+        if keys:
+            direct_redis.delete(*keys)
+
+
+class Widget:
+    def __init__(self, org: dict[str, Any], agent: dict[str, Any], key: str) -> None:
+        self.org, self.agent, self.key = org, agent, key
+
+    @property
+    def chat_path(self) -> str:
+        return f"/api/widget/{self.key}/chat"
+
+    @property
+    def config_path(self) -> str:
+        return f"/api/widget/{self.key}/config"
+
+
+@pytest.fixture
+def make_widget(db: Connection, forget_rate_limits: list[uuid.UUID]) -> Callable[..., Any]:
+    async def make(
+        org: dict[str, Any] | None = None, *, origins: tuple[str, ...] = (ORIGIN,), **overrides: Any
+    ) -> Widget:
+        org = org or await create_org(db)
+        key = overrides.pop("widget_key", None) or new_key()
+        agent = await create_agent(
+            db, org, widget_key=key, allowed_origins=list(origins), theme={"accent": "#0a7"}, **overrides
+        )
+        forget_rate_limits.append(agent["id"])
+        return Widget(org, agent, key)
+
+    return make
+
+
+# -- helpers --------------------------------------------------------------------------------------
+
+
+def new_key() -> str:
+    return "hh_wk_" + secrets.token_hex(24)
+
+
+async def send(
+    client: httpx.AsyncClient,
+    widget: Widget | str,
+    message: str = "What are your opening hours?",
+    *,
+    token: str | None = None,
+    origin: str | None = ORIGIN,
+    address: str | None = None,
+    **body: Any,
+) -> httpx.Response:
+    path = widget.chat_path if isinstance(widget, Widget) else f"/api/widget/{widget}/chat"
+    headers = {}
+    if origin is not None:
+        headers["Origin"] = origin
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    if address is not None:
+        headers["X-Real-IP"] = address
+    return await client.post(path, json={"message": message, **body}, headers=headers)
+
+
+def problem(response: httpx.Response) -> dict[str, Any]:
+    assert response.headers["content-type"] == "application/problem+json", response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def without_request_id(response: httpx.Response) -> dict[str, Any]:
+    return {k: v for k, v in problem(response).items() if k != "request_id"}
+
+
+async def superuser(db: Connection) -> Connection:
+    await db.execute("reset role")
+    return db
+
+
+async def rows(db: Connection, sql: str, *params: Any) -> list[dict[str, Any]]:
+    cur = await (await superuser(db)).execute(sql, params)
+    return await cur.fetchall()
+
+
+async def set_limits(db: Connection, org_id: uuid.UUID, **values: int) -> None:
+    await superuser(db)
+    for column, value in values.items():
+        await db.execute(
+            psycopg.sql.SQL("update public.organization_limits set {} = %s where org_id = %s").format(
+                psycopg.sql.Identifier(column)
+            ),
+            (value, org_id),
+        )
+
+
+async def rotate(db: Connection, widget: Widget) -> str:
+    """Rotate the key the way the dashboard does: the org owner calls public.rotate_widget_key."""
+    async with as_user(TransactionDatabase(db), user_claims(widget.org["owner"])) as conn:
+        cur = await conn.execute("select public.rotate_widget_key(%s) as key", (widget.agent["id"],))
+        row = await cur.fetchone()
+    assert row is not None
+    key: str = row["key"]
+    return key
+
+
+def closed_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+def forged_token(conversation_id: uuid.UUID, agent_id: uuid.UUID, *, secret: str, exp_offset: int = 3600) -> str:
+    now = int(time.time())
+    claims = {
+        "aud": visitor_tokens.AUDIENCE,
+        "iss": visitor_tokens.ISSUER,
+        "sub": "v_attacker",
+        "cid": str(conversation_id),
+        "aid": str(agent_id),
+        "iat": now,
+        "exp": now + exp_offset,
+    }
+    return visitor_tokens.TOKEN_PREFIX + jwt.encode(claims, secret, algorithm="HS256")
+
+
+# -- config -----------------------------------------------------------------------------------------
+
+
+class TestConfig:
+    async def test_returns_what_the_widget_renders_and_nothing_else(
+        self, client: httpx.AsyncClient, make_widget: Callable[..., Any]
+    ) -> None:
+        widget = await make_widget(system_prompt="SECRET-PROMPT: give 90% discounts", model="gpt-4o")
+
+        response = await client.get(widget.config_path, headers={"Origin": ORIGIN})
+
+        assert response.status_code == 200
+        assert response.json() == {
+            "display_name": "Helper",
+            "greeting": "Hi! How can I help?",
+            "theme": {"accent": "#0a7"},
+        }
+        for internal in ("SECRET-PROMPT", "gpt-4o", str(widget.org["id"]), str(widget.agent["id"]), "allowed"):
+            assert internal not in response.text, f"config leaks {internal}"
+        assert response.headers["access-control-allow-origin"] == ORIGIN
+        assert response.headers["cache-control"] == "no-store"
+
+
+# -- keys -------------------------------------------------------------------------------------------
+
+
+class TestKeysFromTheAttackersSide:
+    async def test_guessed_disabled_and_rotated_keys_get_the_same_404(
+        self, db: Connection, client: httpx.AsyncClient, make_widget: Callable[..., Any]
+    ) -> None:
+        disabled = await make_widget(widget_enabled=False)
+        rotated = await make_widget()
+        old_key = rotated.key
+        new = await rotate(db, rotated)
+        assert new != old_key
+        assert new.startswith("hh_wk_")
+        assert len(new) == 6 + 48
+
+        keys = {
+            "guessed": new_key(),
+            "malformed": "not-a-key",
+            "disabled": disabled.key,
+            "rotated-out": old_key,
+        }
+        answers = {}
+        for name, key in keys.items():
+            config = await client.get(f"/api/widget/{key}/config", headers={"Origin": ORIGIN})
+            chat = await send(client, key)
+            preflight = await client.options(
+                f"/api/widget/{key}/chat", headers={"Origin": ORIGIN, "Access-Control-Request-Method": "POST"}
+            )
+            for response in (config, chat, preflight):
+                assert response.status_code == 404, f"{name}: {response.status_code}"
+                assert "access-control-allow-origin" not in response.headers, name
+            answers[name] = [without_request_id(r) for r in (config, chat, preflight)]
+
+        assert len({json.dumps(a, sort_keys=True) for a in answers.values()}) == 1, answers
+        assert answers["guessed"][0]["type"].endswith("/widget-not-found")
+        conversations = await rows(
+            db,
+            "select id from public.conversations where agent_id = any(%s)",
+            [disabled.agent["id"], rotated.agent["id"]],
+        )
+        assert conversations == []
+
+    async def test_the_new_key_works_at_once_after_rotation(
+        self, db: Connection, client: httpx.AsyncClient, make_widget: Callable[..., Any]
+    ) -> None:
+        widget = await make_widget()
+        assert (await send(client, widget)).status_code == 200
+
+        widget.key = await rotate(db, widget)
+
+        assert (await send(client, widget)).status_code == 200
+
+    async def test_a_key_is_stored_only_as_its_hash(
+        self, db: Connection, client: httpx.AsyncClient, make_widget: Callable[..., Any]
+    ) -> None:
+        widget = await make_widget()
+        new = await rotate(db, widget)
+
+        [row] = await rows(db, "select to_jsonb(a) as agent from public.agents as a where id = %s", widget.agent["id"])
+        assert new not in json.dumps(row["agent"])
+        assert new[-4:] == row["agent"]["widget_key_hint"]
+
+    async def test_the_key_never_reaches_the_log(
+        self, client: httpx.AsyncClient, make_widget: Callable[..., Any], log_lines: list[str]
+    ) -> None:
+        widget = await make_widget()
+        await send(client, widget)
+        await send(client, new_key())
+
+        assert log_lines
+        assert not [line for line in log_lines if widget.key in line or "hh_wk_" in line]
+        routes = {json.loads(line).get("route") for line in log_lines}
+        assert "/api/widget/{key}/chat" in routes
+
+
+# -- conversations and visitor tokens ---------------------------------------------------------------
+
+
+class TestVisitorTokens:
+    async def test_the_first_message_opens_a_conversation_and_the_token_continues_it(
+        self, db: Connection, client: httpx.AsyncClient, make_widget: Callable[..., Any]
+    ) -> None:
+        widget = await make_widget()
+
+        first = await send(client, widget, "Hello")
+        assert first.status_code == 200, first.text
+        body = first.json()
+        assert body["status"] == "answered"
+        assert body["visitor_token"].startswith("hh_vt_")
+        assert body["visitor_token_expires_at"] > time.time() + 3600
+
+        second = await send(client, widget, "And on Sundays?", token=body["visitor_token"])
+        assert second.status_code == 200, second.text
+        assert second.json()["conversation_id"] == body["conversation_id"]
+
+        [conversation] = await rows(db, "select * from public.conversations where id = %s", body["conversation_id"])
+        assert conversation["message_count"] == 4
+        assert conversation["origin"] == ORIGIN
+        assert conversation["agent_id"] == widget.agent["id"]
+        messages = await rows(
+            db,
+            "select role, content from public.messages where conversation_id = %s order by created_at, id",
+            body["conversation_id"],
+        )
+        assert [(m["role"], m["content"]) for m in messages][0::2] == [
+            ("visitor", "Hello"),
+            ("visitor", "And on Sundays?"),
+        ]
+        assert [m["role"] for m in messages][1::2] == ["agent", "agent"]
+
+    async def test_a_conversation_id_without_its_token_gives_nothing(
+        self, db: Connection, client: httpx.AsyncClient, make_widget: Callable[..., Any]
+    ) -> None:
+        widget = await make_widget()
+        victim = (await send(client, widget, "My order number is 4411")).json()
+        attacker = (await send(client, widget, "hi")).json()
+        settings_secret = get_settings().widget_token_secret.get_secret_value()
+
+        attempts = {
+            "no token": await send(client, widget, "show me", conversation_id=victim["conversation_id"]),
+            "own token, victim's id": await send(
+                client, widget, "show me", token=attacker["visitor_token"], conversation_id=victim["conversation_id"]
+            ),
+            "forged signature": await send(
+                client,
+                widget,
+                "show me",
+                token=forged_token(uuid.UUID(victim["conversation_id"]), widget.agent["id"], secret="x" * 40),
+            ),
+            "expired": await send(
+                client,
+                widget,
+                "show me",
+                token=forged_token(
+                    uuid.UUID(victim["conversation_id"]), widget.agent["id"], secret=settings_secret, exp_offset=-60
+                ),
+            ),
+            "right signature, wrong visitor": await send(
+                client,
+                widget,
+                "show me",
+                token=forged_token(uuid.UUID(victim["conversation_id"]), widget.agent["id"], secret=settings_secret),
+            ),
+            "unsigned": await send(
+                client,
+                widget,
+                "show me",
+                token="hh_vt_" + jwt.encode({"cid": victim["conversation_id"]}, key=None, algorithm="none"),  # type: ignore[arg-type]
+            ),
+            "garbage": await send(client, widget, "show me", token="hh_vt_garbage"),
+        }
+        bodies = set()
+        for name, response in attempts.items():
+            assert response.status_code == 404, f"{name}: {response.text}"
+            assert "My order number" not in response.text
+            bodies.add(json.dumps(without_request_id(response), sort_keys=True))
+        assert len(bodies) == 1
+        assert json.loads(bodies.pop())["type"].endswith("/conversation-not-found")
+
+        [conversation] = await rows(
+            db, "select message_count from public.conversations where id = %s", victim["conversation_id"]
+        )
+        assert conversation["message_count"] == 2, "nothing was added to the victim's conversation"
+
+    async def test_a_token_for_another_agent_gives_nothing(
+        self, client: httpx.AsyncClient, make_widget: Callable[..., Any]
+    ) -> None:
+        first = await make_widget()
+        second = await make_widget(first.org)
+        token = (await send(client, first)).json()["visitor_token"]
+
+        response = await send(client, second, token=token)
+
+        assert response.status_code == 404
+        assert problem(response)["type"].endswith("/conversation-not-found")
+
+    async def test_another_authorization_scheme_is_not_a_token(
+        self, client: httpx.AsyncClient, make_widget: Callable[..., Any]
+    ) -> None:
+        widget = await make_widget()
+        response = await client.post(
+            widget.chat_path, json={"message": "hi"}, headers={"Origin": ORIGIN, "Authorization": "Basic Zm9vOmJhcg=="}
+        )
+        assert response.status_code == 404
+
+    async def test_a_closed_conversation_takes_no_more_messages(
+        self, db: Connection, client: httpx.AsyncClient, make_widget: Callable[..., Any]
+    ) -> None:
+        widget = await make_widget()
+        opened = (await send(client, widget)).json()
+        await (await superuser(db)).execute(
+            "update public.conversations set status = 'closed' where id = %s", (opened["conversation_id"],)
+        )
+
+        response = await send(client, widget, token=opened["visitor_token"])
+
+        assert response.status_code == 409
+        assert problem(response)["type"].endswith("/conversation-closed")
+
+    async def test_a_full_conversation_is_a_409(
+        self, db: Connection, client: httpx.AsyncClient, make_widget: Callable[..., Any]
+    ) -> None:
+        widget = await make_widget()
+        opened = (await send(client, widget)).json()
+        await (await superuser(db)).execute(
+            "insert into public.messages (org_id, conversation_id, role, content)"
+            " select %s, %s, 'visitor', 'x' from generate_series(1, %s)",
+            (widget.org["id"], opened["conversation_id"], MAX_CONVERSATION_MESSAGES - 2),
+        )
+
+        response = await send(client, widget, token=opened["visitor_token"])
+
+        assert response.status_code == 409
+        assert problem(response)["type"].endswith("/conversation-full")
+
+
+# -- origins ----------------------------------------------------------------------------------------
+
+
+class TestOrigins:
+    async def test_only_an_allowed_origin_gets_cors_headers(
+        self, db: Connection, client: httpx.AsyncClient, make_widget: Callable[..., Any]
+    ) -> None:
+        widget = await make_widget()
+
+        allowed = await send(client, widget, origin=ORIGIN)
+        refused = await send(client, widget, origin=OTHER_ORIGIN)
+        lookalike = await send(client, widget, origin="https://shop.example.evil.example")
+
+        assert allowed.status_code == 200
+        assert allowed.headers["access-control-allow-origin"] == ORIGIN
+        assert "origin" in allowed.headers["vary"].lower()
+        for response in (refused, lookalike):
+            assert response.status_code == 403
+            assert problem(response)["type"].endswith("/origin-not-allowed")
+            assert "access-control-allow-origin" not in response.headers
+        assert await rows(db, "select 1 from public.conversations where agent_id = %s", widget.agent["id"]) == [
+            {"?column?": 1}
+        ]
+
+    async def test_preflight_grants_only_allowed_origins(
+        self, client: httpx.AsyncClient, make_widget: Callable[..., Any]
+    ) -> None:
+        widget = await make_widget()
+        request_headers = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization"}
+
+        allowed = await client.options(widget.chat_path, headers={"Origin": ORIGIN, **request_headers})
+        refused = await client.options(widget.chat_path, headers={"Origin": OTHER_ORIGIN, **request_headers})
+
+        assert allowed.status_code == 204
+        assert allowed.headers["access-control-allow-origin"] == ORIGIN
+        assert "POST" in allowed.headers["access-control-allow-methods"]
+        assert "authorization" in allowed.headers["access-control-allow-headers"]
+        assert refused.status_code == 403
+        assert not [h for h in refused.headers if h.startswith("access-control-")]
+
+    async def test_an_allowed_origin_can_read_errors_such_as_a_429(
+        self, db: Connection, client: httpx.AsyncClient, make_widget: Callable[..., Any]
+    ) -> None:
+        widget = await make_widget()
+        await set_limits(db, widget.org["id"], widget_rpm_per_visitor=1)
+        await send(client, widget)
+
+        limited = await send(client, widget)
+
+        assert limited.status_code == 429
+        assert limited.headers["access-control-allow-origin"] == ORIGIN
+        assert "retry-after" in limited.headers["access-control-expose-headers"]
+
+    async def test_a_restricted_agent_refuses_requests_without_an_origin(
+        self, client: httpx.AsyncClient, make_widget: Callable[..., Any]
+    ) -> None:
+        widget = await make_widget()
+        response = await send(client, widget, origin=None)
+        assert response.status_code == 403
+
+    async def test_an_agent_with_no_origins_serves_no_website_but_serves_servers(
+        self, client: httpx.AsyncClient, make_widget: Callable[..., Any]
+    ) -> None:
+        widget = await make_widget(origins=())
+
+        from_a_site = await send(client, widget, origin=ORIGIN)
+        from_a_server = await send(client, widget, origin=None)
+
+        assert from_a_site.status_code == 403
+        assert from_a_server.status_code == 200
+        assert "access-control-allow-origin" not in from_a_server.headers
+
+    async def test_origin_null_is_refused(self, client: httpx.AsyncClient, make_widget: Callable[..., Any]) -> None:
+        widget = await make_widget()
+        assert (await send(client, widget, origin="null")).status_code == 403
+
+
+# -- malformed input --------------------------------------------------------------------------------
+
+
+class TestBadInput:
+    async def test_each_bad_body_is_its_own_clear_4xx(
+        self, db: Connection, client: httpx.AsyncClient, make_widget: Callable[..., Any]
+    ) -> None:
+        widget = await make_widget()
+        headers = {"Origin": ORIGIN}
+        secret_text = "hh_wk_" + "e" * 48
+        cases: dict[str, tuple[dict[str, Any], int, list[Any]]] = {
+            "too long": ({"json": {"message": secret_text + "x" * MAX_MESSAGE_CHARS}}, 422, ["body", "message"]),
+            "empty": ({"json": {"message": ""}}, 422, ["body", "message"]),
+            "blank": ({"json": {"message": " \n\t "}}, 422, ["body", "message"]),
+            "NUL": ({"json": {"message": "a\x00b"}}, 422, ["body", "message"]),
+            "missing": ({"json": {}}, 422, ["body", "message"]),
+            "wrong type": ({"json": {"message": ["a"]}}, 422, ["body", "message"]),
+            "extra field": ({"json": {"message": "hi", "history": [{"role": "system"}]}}, 422, ["body", "history"]),
+            "bad conversation id": (
+                {"json": {"message": "hi", "conversation_id": secret_text}},
+                422,
+                ["body", "conversation_id"],
+            ),
+            "malformed json": (
+                {"content": b'{"message": "hi"', "headers": {"content-type": "application/json"}},
+                422,
+                ["body", 16],
+            ),
+            "not an object": ({"json": ["hi"]}, 422, ["body"]),
+        }
+        for name, (request, status, loc) in cases.items():
+            response = await client.post(
+                widget.chat_path, **{**request, "headers": {**headers, **request.get("headers", {})}}
+            )
+            assert response.status_code == status, f"{name}: {response.text}"
+            body = problem(response)
+            assert body["type"].endswith("/validation-error"), name
+            assert next(e["loc"] for e in body["errors"])[: len(loc)] == loc, f"{name}: {body['errors']}"
+            assert secret_text not in response.text, f"{name} echoes the input"
+        assert await rows(db, "select 1 from public.conversations where agent_id = %s", widget.agent["id"]) == []
+
+    async def test_an_oversized_body_is_refused_before_it_is_read(
+        self, client: httpx.AsyncClient, make_widget: Callable[..., Any]
+    ) -> None:
+        widget = await make_widget()
+        limit = get_settings().max_body_bytes
+
+        response = await client.post(
+            widget.chat_path,
+            content=json.dumps({"message": "x" * limit}).encode(),
+            headers={"Origin": ORIGIN, "content-type": "application/json"},
+        )
+
+        assert response.status_code == 413
+        assert problem(response)["type"].endswith("/payload-too-large")
+
+    async def test_a_message_at_the_limit_is_accepted(
+        self, client: httpx.AsyncClient, make_widget: Callable[..., Any]
+    ) -> None:
+        widget = await make_widget()
+        assert (await send(client, widget, "é" * MAX_MESSAGE_CHARS)).status_code == 200
+
+
+# -- rate limits ------------------------------------------------------------------------------------
+
+
+class TestRateLimits:
+    async def test_the_per_visitor_limit_is_a_429_with_retry_after(
+        self, db: Connection, client: httpx.AsyncClient, make_widget: Callable[..., Any]
+    ) -> None:
+        widget = await make_widget()
+        await set_limits(db, widget.org["id"], widget_rpm_per_visitor=2)
+
+        statuses = [(await send(client, widget, address="203.0.113.7")).status_code for _ in range(3)]
+        other_visitor = await send(client, widget, address="198.51.100.9")
+
+        assert statuses == [200, 200, 429]
+        assert other_visitor.status_code == 200
+        limited = await send(client, widget, address="203.0.113.7")
+        assert problem(limited)["type"].endswith("/rate-limited")
+        assert 1 <= int(limited.headers["retry-after"]) <= 60
+
+    async def test_the_per_agent_limit_holds_across_visitors(
+        self, db: Connection, client: httpx.AsyncClient, make_widget: Callable[..., Any]
+    ) -> None:
+        widget = await make_widget()
+        other_agent = await make_widget(widget.org)
+        await set_limits(db, widget.org["id"], widget_rpm_per_agent=3, widget_rpm_per_visitor=100)
+
+        statuses = [(await send(client, widget, address=f"192.0.2.{i}")).status_code for i in range(5)]
+
+        assert statuses == [200, 200, 200, 429, 429]
+        assert (await send(client, other_agent)).status_code == 200, "each agent has its own allowance"
+
+    async def test_a_refused_visitor_does_not_use_up_the_agents_allowance(
+        self, db: Connection, client: httpx.AsyncClient, make_widget: Callable[..., Any]
+    ) -> None:
+        widget = await make_widget()
+        await set_limits(db, widget.org["id"], widget_rpm_per_agent=3, widget_rpm_per_visitor=1)
+
+        flood = [(await send(client, widget, address="203.0.113.66")).status_code for _ in range(10)]
+        others = [(await send(client, widget, address=f"192.0.2.{i}")).status_code for i in range(2)]
+
+        assert flood == [200] + [429] * 9
+        assert others == [200, 200]
+
+    async def test_with_redis_unreachable_the_agent_limit_is_counted_in_postgres(
+        self,
+        db: Connection,
+        configure: Configure,
+        client: httpx.AsyncClient,
+        make_widget: Callable[..., Any],
+        log_lines: list[str],
+    ) -> None:
+        widget = await make_widget()
+        await set_limits(db, widget.org["id"], widget_rpm_per_agent=2)
+        configure(UPSTASH_REDIS_REST_URL=f"http://127.0.0.1:{closed_port()}")
+        await close_redis()
+
+        statuses = [(await send(client, widget, address=f"192.0.2.{i}")).status_code for i in range(3)]
+
+        assert statuses == [200, 200, 429]
+        fallbacks = [json.loads(line) for line in log_lines if "ratelimit-fallback" in line]
+        assert len(fallbacks) == 3
+        assert fallbacks[0]["org_id"] == str(widget.org["id"])
+        assert fallbacks[0]["error_type"]
+
+
+# -- budgets and degradation ------------------------------------------------------------------------
+
+
+class TestBudgetAndBurst:
+    async def test_budget_exhausted_mid_conversation_is_a_friendly_503_with_no_model_call(
+        self, db: Connection, online: FakeOpenAI, client: httpx.AsyncClient, make_widget: Callable[..., Any]
+    ) -> None:
+        widget = await make_widget()
+        opened = await send(client, widget, "Do you ship to Canada?")
+        assert opened.status_code == 200, opened.text
+        calls_before = len(online.requests)
+        await set_limits(db, widget.org["id"], monthly_budget_microusd=1)
+
+        refused = await send(client, widget, "And to Mexico?", token=opened.json()["visitor_token"])
+
+        assert refused.status_code == 503
+        body = problem(refused)
+        assert body["type"].endswith("/agent-unavailable")
+        assert "try again" in body["detail"]
+        assert "budget" not in refused.text.lower()
+        assert int(refused.headers["retry-after"]) > 0
+        assert refused.headers["access-control-allow-origin"] == ORIGIN
+        assert len(online.requests) == calls_before, "no model call once the budget is exhausted"
+        [conversation] = await rows(
+            db, "select message_count from public.conversations where id = %s", opened.json()["conversation_id"]
+        )
+        assert conversation["message_count"] == 2, "nothing stored: the widget may send the message again"
+        outcomes = await rows(
+            db,
+            "select kind, outcome, cost_microusd from public.usage_events where org_id = %s order by id",
+            widget.org["id"],
+        )
+        assert outcomes[-1] == {"kind": "embedding", "outcome": "rejected", "cost_microusd": 0}
+
+    async def test_the_organizations_burst_limit_is_the_same_friendly_503(
+        self, db: Connection, client: httpx.AsyncClient, make_widget: Callable[..., Any], direct_redis: redis.Redis
+    ) -> None:
+        widget = await make_widget()
+        await set_limits(db, widget.org["id"], burst_per_minute=1)
+        try:
+            assert (await send(client, widget)).status_code == 200
+            refused = await send(client, widget)
+        finally:
+            keys = list(direct_redis.scan_iter(match=f"hh:rl:model-burst:{widget.org['id']}:*"))
+            if keys:
+                direct_redis.delete(*keys)
+
+        assert refused.status_code == 503
+        assert problem(refused)["type"].endswith("/agent-unavailable")
+        assert int(refused.headers["retry-after"]) >= 1
+
+
+class TestModelFailures:
+    @pytest.mark.parametrize("failure", ["error", "timeout"])
+    async def test_a_failing_model_gives_a_friendly_reply_and_an_escalation_at_no_cost(
+        self,
+        failure: str,
+        db: Connection,
+        online: FakeOpenAI,
+        configure: Configure,
+        client: httpx.AsyncClient,
+        make_widget: Callable[..., Any],
+    ) -> None:
+        widget = await make_widget()
+        if failure == "error":
+            online.fail_status = 500
+        else:
+            configure(MODEL_TIMEOUT_SECONDS="0.3")
+            online.delay_seconds = 2
+
+        response = await send(client, widget, "Can I change my delivery address?")
+
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["reply"] == MODEL_FAILURE_REPLY
+        assert body["status"] == "handed_to_team"
+        for leak in ("server had an error", "Traceback", "openai", "500", "timed out"):
+            assert leak not in response.text
+        [item] = await rows(
+            db,
+            "select kind, status, payload, conversation_id from public.review_items where org_id = %s",
+            widget.org["id"],
+        )
+        assert item["kind"] == "escalation"
+        assert item["status"] == "open"
+        assert item["payload"]["reason"] == "model_unavailable"
+        assert item["payload"]["summary"] == "Can I change my delivery address?"
+        assert str(item["conversation_id"]) == body["conversation_id"]
+        usage = await rows(
+            db,
+            "select outcome, cost_microusd from public.usage_events where org_id = %s and kind = 'chat'",
+            widget.org["id"],
+        )
+        assert usage == [{"outcome": failure, "cost_microusd": 0}]
+        [conversation] = await rows(
+            db, "select status from public.conversations where id = %s", body["conversation_id"]
+        )
+        assert conversation["status"] == "escalated"
+
+
+class TestToolCalls:
+    async def test_an_escalation_lands_in_the_review_queue_with_its_draft(
+        self, db: Connection, online: FakeOpenAI, client: httpx.AsyncClient, make_widget: Callable[..., Any]
+    ) -> None:
+        widget = await make_widget()
+        online.reply.content = ""
+        online.reply.tool_calls = [
+            (
+                ESCALATE,
+                {
+                    "reason": "cannot_answer",
+                    "summary": "Wants a bulk discount for 40 bikes.",
+                    "draft_reply": "We offer 10% off orders of 20 or more.",
+                },
+            )
+        ]
+
+        response = await send(client, widget, "Discount for 40 bikes?")
+
+        assert response.status_code == 200
+        assert response.json()["status"] == "handed_to_team"
+        assert response.json()["reply"]
+        [item] = await rows(db, "select * from public.review_items where org_id = %s", widget.org["id"])
+        assert item["kind"] == "escalation"
+        assert item["payload"]["draft_reply"] == "We offer 10% off orders of 20 or more."
+        assert item["title"].startswith("The agent could not answer")
+        assert str(item["conversation_id"]) == response.json()["conversation_id"]
+        history = await rows(
+            db,
+            "select from_status, to_status from public.review_item_status_history where review_item_id = %s",
+            item["id"],
+        )
+        assert history == [{"from_status": None, "to_status": "open"}]
+
+    async def test_repeated_escalations_of_one_conversation_make_one_item(
+        self, db: Connection, online: FakeOpenAI, client: httpx.AsyncClient, make_widget: Callable[..., Any]
+    ) -> None:
+        widget = await make_widget()
+        online.reply.tool_calls = [
+            (ESCALATE, {"reason": "visitor_requested_human", "summary": "s", "draft_reply": ""})
+        ] * 2
+        token = (await send(client, widget, "human please")).json()["visitor_token"]
+        await send(client, widget, "HUMAN PLEASE", token=token)
+
+        items = await rows(db, "select kind from public.review_items where org_id = %s", widget.org["id"])
+        assert items == [{"kind": "escalation"}]
+
+    async def test_a_lead_is_stored_with_validated_contacts_and_its_conversation(
+        self, db: Connection, online: FakeOpenAI, client: httpx.AsyncClient, make_widget: Callable[..., Any]
+    ) -> None:
+        widget = await make_widget()
+        online.reply.tool_calls = [
+            (CAPTURE_LEAD, {"email": "Ana@Example.COM", "phone": "+1 (415) 555-0100", "name": "Ana", "note": "Fleet"})
+        ]
+
+        response = await send(client, widget, "I'm Ana, ana@example.com, +1 (415) 555-0100")
+
+        [item] = await rows(db, "select * from public.review_items where org_id = %s", widget.org["id"])
+        assert item["kind"] == "lead"
+        assert item["payload"] == {"email": "Ana@example.com", "phone": "+14155550100", "name": "Ana", "note": "Fleet"}
+        assert str(item["conversation_id"]) == response.json()["conversation_id"]
+        assert response.json()["status"] == "answered"
+
+    async def test_a_lead_with_no_valid_contact_is_not_stored(
+        self, db: Connection, online: FakeOpenAI, client: httpx.AsyncClient, make_widget: Callable[..., Any]
+    ) -> None:
+        widget = await make_widget()
+        online.reply.tool_calls = [
+            (CAPTURE_LEAD, {"email": "not-an-email", "phone": "call me maybe", "name": "X", "note": None}),
+            (CAPTURE_LEAD, "{not json"),
+        ]
+
+        response = await send(client, widget, "contact me")
+
+        assert response.status_code == 200
+        assert await rows(db, "select 1 from public.review_items where org_id = %s", widget.org["id"]) == []
+
+    async def test_offline_the_visitor_asking_for_a_person_and_leaving_an_email_reaches_the_queue(
+        self, db: Connection, client: httpx.AsyncClient, make_widget: Callable[..., Any]
+    ) -> None:
+        widget = await make_widget()
+
+        response = await send(client, widget, "Can I talk to a human? My email is bo@example.org")
+
+        assert response.json()["status"] == "handed_to_team"
+        items = await rows(
+            db,
+            "select kind, payload->>'email' as email from public.review_items where org_id = %s order by kind",
+            widget.org["id"],
+        )
+        assert items == [{"kind": "escalation", "email": None}, {"kind": "lead", "email": "bo@example.org"}]
+
+
+class TestKnowledge:
+    async def test_the_model_is_given_the_agents_knowledge_and_history_and_never_another_agents(
+        self, db: Connection, online: FakeOpenAI, client: httpx.AsyncClient, make_widget: Callable[..., Any]
+    ) -> None:
+        widget = await make_widget(system_prompt="You answer for Acme Bikes.")
+        other = await make_widget()
+        await superuser(db)
+        for agent, content in ((widget, "Returns are accepted within 30 days."), (other, "Returns: OTHER-ORG-SECRET.")):
+            await db.execute(
+                "insert into public.knowledge_chunks (org_id, agent_id, title, content) values (%s, %s, 'Returns', %s)",
+                (agent.org["id"], agent.agent["id"], content),
+            )
+
+        token = (await send(client, widget, "Hello")).json()["visitor_token"]
+        online.requests.clear()
+        await send(client, widget, "What about returns?", token=token)
+
+        [chat_request] = online.requests_to("/v1/chat/completions")
+        sent = json.dumps(chat_request.body["messages"])
+        assert "Returns are accepted within 30 days." in sent
+        assert "OTHER-ORG-SECRET" not in sent
+        assert "You answer for Acme Bikes." in sent
+        roles = [m["role"] for m in chat_request.body["messages"]]
+        assert roles[-3:] == ["user", "assistant", "user"], "the earlier turn is in the history"
+        assert [t["function"]["name"] for t in chat_request.body["tools"]] == [ESCALATE, CAPTURE_LEAD]
+        assert len(online.requests_to("/v1/embeddings")) == 1
+
+
+# -- dependencies down ------------------------------------------------------------------------------
+
+
+class UnreachableDatabase:
+    """A database at a port nobody listens on: the failure happens in the network, not in our code."""
+
+    def __init__(self) -> None:
+        self.url = f"postgresql://authenticator@127.0.0.1:{closed_port()}/postgres?connect_timeout=1"
+
+    @asynccontextmanager
+    async def connection(self) -> AsyncIterator[Connection]:
+        with map_db_errors():
+            conn = await AsyncConnection.connect(self.url)
+        async with conn:
+            yield conn  # type: ignore[misc]
+
+
+class TestDatabaseUnreachable:
+    async def test_is_a_503_problem_with_retry_after_and_no_internals(
+        self, app: FastAPI, client: httpx.AsyncClient
+    ) -> None:
+        app.dependency_overrides[get_database] = UnreachableDatabase
+
+        for response in (await send(client, new_key()), await client.get(f"/api/widget/{new_key()}/config")):
+            assert response.status_code == 503
+            body = problem(response)
+            assert body["type"].endswith("/dependency-unavailable")
+            assert int(response.headers["retry-after"]) >= 1
+            for leak in ("127.0.0.1", "connection", "psycopg", "Traceback"):
+                assert leak not in body["detail"]
+
+
+# -- tenancy of what the widget stores --------------------------------------------------------------
+
+
+class TestTenancy:
+    async def test_transcripts_usage_and_review_items_are_readable_by_the_right_org_only(
+        self, db: Connection, online: FakeOpenAI, client: httpx.AsyncClient, make_widget: Callable[..., Any]
+    ) -> None:
+        widget = await make_widget()
+        online.reply.tool_calls = [(ESCALATE, {"reason": "complaint", "summary": "late", "draft_reply": ""})]
+        sent = (await send(client, widget, "My bike arrived late")).json()
+        member = await add_member(db, widget.org)
+        outsider_org = await create_org(db)
+        outsider = await add_member(db, outsider_org, role="admin")
+
+        queries = {
+            "conversations": "select count(*) as n from public.conversations where id = %(cid)s",
+            "messages": "select count(*) as n from public.messages where conversation_id = %(cid)s",
+            "usage": "select count(*) as n from public.usage_events where conversation_id = %(cid)s",
+            "review items": "select count(*) as n from public.review_items where conversation_id = %(cid)s",
+        }
+        expected = {"conversations": 1, "messages": 2, "usage": 1, "review items": 1}
+        for user, visible in (
+            (member, True),
+            (widget.org["owner"], True),
+            (outsider, False),
+            (outsider_org["owner"], False),
+        ):
+            async with as_user(TransactionDatabase(db), user_claims(user)) as conn:
+                for name, sql in queries.items():
+                    row = await (await conn.execute(sql, {"cid": sent["conversation_id"]})).fetchone()
+                    assert row is not None
+                    assert row["n"] == (expected[name] if visible else 0), (
+                        f"{name} as {'member' if visible else 'outsider'}"
+                    )
+
+    async def test_anonymous_clients_cannot_read_transcripts(
+        self, db: Connection, client: httpx.AsyncClient, make_widget: Callable[..., Any]
+    ) -> None:
+        widget = await make_widget()
+        await send(client, widget)
+        await superuser(db)
+        await db.execute("set local role anon")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            async with db.transaction():
+                await db.execute("select * from public.messages")
+
+
+# -- round trips ------------------------------------------------------------------------------------
+
+
+class TestRoundTrips:
+    @pytest.mark.parametrize("mode", ["offline", "online"])
+    async def test_the_chat_path_makes_the_documented_number_of_round_trips(
+        self,
+        mode: str,
+        db: Connection,
+        request: pytest.FixtureRequest,
+        client: httpx.AsyncClient,
+        make_widget: Callable[..., Any],
+        tmp_path: Any,
+    ) -> None:
+        if mode == "online":
+            request.getfixturevalue("online")
+        widget = await make_widget()
+        token = (await send(client, widget)).json()["visitor_token"]
+        trace = tmp_path / "trace.txt"
+
+        with open(trace, "w") as sink:  # noqa: ASYNC230 - a local file for libpq to write to
+            db.pgconn.trace(sink.fileno())
+            db.pgconn.set_trace_flags(psycopg.pq.Trace.SUPPRESS_TIMESTAMPS | psycopg.pq.Trace.REGRESS_MODE)
+            try:
+                response = await send(client, widget, "Do you repair e-bikes?", token=token)
+            finally:
+                db.pgconn.untrace()
+
+        assert response.status_code == 200
+        sent = [line.split("\t") for line in trace.read_text().splitlines() if line.startswith("F")]
+        round_trips = sum(1 for fields in sent if fields[2].split(" ")[0] in {"Sync", "Query"})
+        assert round_trips == EXPECTED_ROUND_TRIPS[mode], trace.read_text()
+
+
+EXPECTED_ROUND_TRIPS = {"offline": 20, "online": 28}

@@ -155,6 +155,10 @@ class FakeSlack(FakeServer):
         self.hooks: dict[str, str] = {}  # path -> "active" | "revoked" | "archived"
         self.messages: list[dict[str, Any]] = []
 
+    def reset(self) -> None:
+        super().reset()
+        self.messages.clear()
+
     def webhook(self, state: str = "active") -> str:
         secret = uuid.uuid4().hex[:24]
         path = f"/services/T0TEST{uuid.uuid4().hex[:4].upper()}/B0TEST{uuid.uuid4().hex[:4].upper()}/{secret}"
@@ -195,6 +199,10 @@ class FakeDiscord(FakeServer):
         self.hooks: dict[str, tuple[str, str]] = {}  # id -> (token, state)
         self.messages: list[dict[str, Any]] = []
         self._ids = itertools.count(1_200_000_000_000_000_000)
+
+    def reset(self) -> None:
+        super().reset()
+        self.messages.clear()
 
     def webhook(self, state: str = "active") -> str:
         hook_id = str(next(self._ids))
@@ -362,6 +370,10 @@ class FakeNotion(FakeServer):
         self.databases: dict[str, str] = {}  # id -> title property name
         self.pages: set[str] = set()
         self.created: list[dict[str, Any]] = []
+
+    def reset(self) -> None:
+        super().reset()
+        self.created.clear()
 
     def add_page(self) -> str:
         page_id = str(uuid.uuid4())

@@ -52,6 +52,7 @@ class ChatContext:
     conversation_id: UUID | None
     conversation_status: str | None
     message_count: int | None
+    has_knowledge: bool
     history: list[HistoryMessage]
 
 
@@ -73,6 +74,7 @@ select a.id as agent_id, a.org_id, a.system_prompt, a.model, a.temperature::floa
        coalesce(l.widget_rpm_per_visitor, 10) as rpm_per_visitor,
        coalesce(l.burst_per_minute, 30) as burst_per_minute,
        c.id as conversation_id, c.status as conversation_status, c.message_count,
+       exists (select 1 from public.knowledge_chunks as k where k.agent_id = a.id) as has_knowledge,
        coalesce(h.history, '[]'::jsonb) as history
   from public.agents as a
   left join public.organization_limits as l on l.org_id = a.org_id

@@ -322,7 +322,12 @@ async def _answer(
 async def _knowledge(
     db: Database, context: queries.ChatContext, question: str, request_id: str
 ) -> list[RetrievedChunk]:
-    """Hybrid retrieval; full text alone offline or when the embedding call fails."""
+    """Hybrid retrieval; full text alone offline or when the embedding call fails.
+
+    An agent with no knowledge at all skips both: no embedding is paid for and no query is made.
+    """
+    if not context.has_knowledge:
+        return []
     try:
         vectors = await gateway.embed(
             db,

@@ -704,7 +704,7 @@ class TestBudgetAndBurst:
             "select kind, outcome, cost_microusd from public.usage_events where org_id = %s order by id",
             widget.org["id"],
         )
-        assert outcomes[-1] == {"kind": "embedding", "outcome": "rejected", "cost_microusd": 0}
+        assert outcomes[-1] == {"kind": "chat", "outcome": "rejected", "cost_microusd": 0}
 
     async def test_the_organizations_burst_limit_is_the_same_friendly_503(
         self, db: Connection, client: httpx.AsyncClient, make_widget: Callable[..., Any], direct_redis: redis.Redis
@@ -892,6 +892,17 @@ class TestKnowledge:
         assert [t["function"]["name"] for t in chat_request.body["tools"]] == [ESCALATE, CAPTURE_LEAD]
         assert len(online.requests_to("/v1/embeddings")) == 1
 
+    async def test_an_agent_without_knowledge_pays_for_no_embedding(
+        self, db: Connection, online: FakeOpenAI, client: httpx.AsyncClient, make_widget: Callable[..., Any]
+    ) -> None:
+        widget = await make_widget()
+
+        assert (await send(client, widget)).status_code == 200
+
+        assert online.requests_to("/v1/embeddings") == []
+        usage = await rows(db, "select kind from public.usage_events where org_id = %s", widget.org["id"])
+        assert usage == [{"kind": "chat"}]
+
 
 # -- dependencies down ------------------------------------------------------------------------------
 
@@ -976,10 +987,13 @@ class TestTenancy:
 
 
 class TestRoundTrips:
-    @pytest.mark.parametrize("mode", ["offline", "online"])
+    @pytest.mark.parametrize(
+        ("mode", "knowledge"), [("offline", False), ("offline", True), ("online", False), ("online", True)]
+    )
     async def test_the_chat_path_makes_the_documented_number_of_round_trips(
         self,
         mode: str,
+        knowledge: bool,
         db: Connection,
         request: pytest.FixtureRequest,
         client: httpx.AsyncClient,
@@ -989,6 +1003,11 @@ class TestRoundTrips:
         if mode == "online":
             request.getfixturevalue("online")
         widget = await make_widget()
+        if knowledge:
+            await (await superuser(db)).execute(
+                "insert into public.knowledge_chunks (org_id, agent_id, title, content) values (%s, %s, 'Repairs', %s)",
+                (widget.org["id"], widget.agent["id"], "We repair e-bikes of every brand."),
+            )
         token = (await send(client, widget)).json()["visitor_token"]
         trace = tmp_path / "trace.txt"
 
@@ -1001,9 +1020,16 @@ class TestRoundTrips:
                 db.pgconn.untrace()
 
         assert response.status_code == 200
+        # Outside pipeline mode every Sync (extended protocol) or Query (simple protocol) waits for the server.
         sent = [line.split("\t") for line in trace.read_text().splitlines() if line.startswith("F")]
         round_trips = sum(1 for fields in sent if fields[2].split(" ")[0] in {"Sync", "Query"})
-        assert round_trips == EXPECTED_ROUND_TRIPS[mode], trace.read_text()
+        assert round_trips == EXPECTED_ROUND_TRIPS[mode, knowledge], trace.read_text()
 
 
-EXPECTED_ROUND_TRIPS = {"offline": 20, "online": 28}
+# docs/widget.md explains each: 4 per transaction (begin, role, statement, commit).
+EXPECTED_ROUND_TRIPS = {
+    ("offline", False): 16,
+    ("offline", True): 20,
+    ("online", False): 16,
+    ("online", True): 28,
+}

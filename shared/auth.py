@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import asyncio
 from functools import lru_cache
-from typing import Any
-
-import jwt
+from typing import TYPE_CHECKING, Any
 
 from shared.errors import Unauthorized
 from shared.settings import get_settings
+
+if TYPE_CHECKING:
+    import jwt
 
 Claims = dict[str, Any]
 
@@ -25,11 +26,15 @@ _LEEWAY_SECONDS = 30
 
 @lru_cache
 def _jwks_client(url: str) -> jwt.PyJWKClient:
+    import jwt
+
     # Keys are cached for an hour and refetched when an unknown kid appears (key rotation).
     return jwt.PyJWKClient(url, cache_keys=True, lifespan=3600, timeout=3)
 
 
 async def verify_access_token(token: str) -> Claims:
+    import jwt  # loaded by the first authenticated request, not at function start
+
     settings = get_settings()
     try:
         header = jwt.get_unverified_header(token)

@@ -13,7 +13,6 @@ from typing import Literal
 from pydantic import BaseModel
 
 from shared.db.session import Database, as_service
-from shared.redis import get_redis
 
 CHECK_TIMEOUT_SECONDS = 2.0
 
@@ -49,6 +48,8 @@ async def readiness(db: Database) -> Readiness:
             await conn.execute("select 1")
 
     async def redis() -> None:
+        from shared.redis import get_redis  # the Redis client is loaded only by readiness
+
         if not await get_redis().ping():
             raise ConnectionError("redis did not answer PONG")
 

@@ -6,11 +6,10 @@ are safe to show; everything else gets a generic message so no SQL text or value
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-
-import psycopg
-from psycopg import errors as pg
+from typing import TYPE_CHECKING
 
 from shared.errors import (
     BudgetExhausted,
@@ -20,6 +19,9 @@ from shared.errors import (
     Forbidden,
     Unprocessable,
 )
+
+if TYPE_CHECKING:
+    import psycopg
 
 # Raised by our own SQL (supabase/migrations) with messages written for the caller.
 CURATED: dict[str, type[DomainError]] = {
@@ -31,6 +33,9 @@ CURATED: dict[str, type[DomainError]] = {
 
 
 def translate(exc: psycopg.Error) -> DomainError | None:
+    import psycopg
+    from psycopg import errors as pg
+
     sqlstate = exc.sqlstate or ""
     if sqlstate in CURATED:
         return CURATED[sqlstate](exc.diag.message_primary)
@@ -53,7 +58,11 @@ def translate(exc: psycopg.Error) -> DomainError | None:
 def map_db_errors() -> Iterator[None]:
     try:
         yield
-    except psycopg.Error as exc:
+    except Exception as exc:
+        # psycopg is imported lazily; if it was never imported, this cannot be one of its errors.
+        psycopg = sys.modules.get("psycopg")
+        if psycopg is None or not isinstance(exc, psycopg.Error):
+            raise
         domain = translate(exc)
         if domain is None:
             raise

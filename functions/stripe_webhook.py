@@ -1,0 +1,27 @@
+"""POST /api/stripe/webhook: Stripe's events, verified on the raw body, recorded and applied exactly once."""
+
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Request
+from mangum import Mangum
+
+from shared.billing.schemas import WebhookReceipt
+from shared.billing.webhooks import receive_event
+from shared.logs import REQUEST_ID
+from shared.web.app import create_app
+from shared.web.deps import Db
+
+router = APIRouter()
+
+
+@router.post("/api/stripe/webhook")
+async def stripe_webhook(
+    request: Request, db: Db, stripe_signature: Annotated[str | None, Header(max_length=4096)] = None
+) -> WebhookReceipt:
+    # The raw bytes: the signature covers them exactly, so nothing parses the body first.
+    payload = await request.body()
+    return await receive_event(db, payload, stripe_signature, request_id=getattr(request.state, REQUEST_ID, None))
+
+
+app = create_app("stripe_webhook", [router])
+lambda_handler = Mangum(app, lifespan="off")

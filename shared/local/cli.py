@@ -32,6 +32,7 @@ DEMO_WIDGET_KEY = "hh_wk_demo_local_only_0000000000000000"
 
 
 def _start_database() -> LocalServer:
+    LOCAL_DIR.mkdir(exist_ok=True)
     server = start_server(LOCAL_DIR / "pgdata")
     # A fresh database on every start: local demo data is disposable and the seed stays exact.
     create_database(server, DATABASE, replace=True)

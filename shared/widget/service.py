@@ -288,7 +288,7 @@ async def _answer(
             agent_id=context.agent_id,
             conversation_id=conversation_id,
             model=context.model,
-            messages=_prompt(context, message),
+            messages=model_messages(context, message),
             tools=WIDGET_TOOLS,
             knowledge=knowledge,
             max_tokens=REPLY_MAX_TOKENS,
@@ -351,7 +351,7 @@ async def _knowledge(
         )
 
 
-def _prompt(context: queries.ChatContext, message: str) -> list[ChatMessage]:
+def model_messages(context: queries.ChatContext, message: str) -> list[ChatMessage]:
     """System prompt, widget rules, the recent history (bounded in characters) and the new message."""
     history: list[ChatMessage] = []
     budget = HISTORY_CHARS

@@ -1,0 +1,35 @@
+"""POST /api/billing/checkout and POST /api/billing/portal: a Stripe-hosted page's URL for owners and
+admins. No card data is accepted: a body carrying any is refused before it is parsed."""
+
+from fastapi import APIRouter, Depends, Request
+from mangum import Mangum
+
+from shared.billing.cards import refuse_card_data
+from shared.billing.checkout import open_portal, start_checkout
+from shared.billing.schemas import CheckoutRequest, PortalRequest, RedirectOut
+from shared.logs import ORG_ID, REQUEST_ID
+from shared.web.app import create_app
+from shared.web.deps import CurrentClaims, Db
+
+
+async def no_card_data(request: Request) -> None:
+    refuse_card_data(await request.body())
+
+
+router = APIRouter(dependencies=[Depends(no_card_data)])
+
+
+@router.post("/api/billing/checkout")
+async def checkout(body: CheckoutRequest, request: Request, db: Db, claims: CurrentClaims) -> RedirectOut:
+    setattr(request.state, ORG_ID, str(body.org_id))
+    return await start_checkout(db, claims, body, request_id=getattr(request.state, REQUEST_ID, None))
+
+
+@router.post("/api/billing/portal")
+async def portal(body: PortalRequest, request: Request, db: Db, claims: CurrentClaims) -> RedirectOut:
+    setattr(request.state, ORG_ID, str(body.org_id))
+    return await open_portal(db, claims, body, request_id=getattr(request.state, REQUEST_ID, None))
+
+
+app = create_app("billing", [router])
+lambda_handler = Mangum(app, lifespan="off")

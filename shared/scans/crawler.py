@@ -1,0 +1,413 @@
+"""Fetching one site politely, through the egress guard.
+
+* **Same site**: the start URL's host, with ``www.`` folded (``example.com`` and ``www.example.com``
+  are one site), on the start URL's port. Other subdomains are other sites: ``app.``, ``status.``,
+  ``help.`` or ``shop.`` are often different properties (a login app, a hosted status page, a
+  third-party help desk) and sometimes other tenants altogether (``*.vercel.app``), and deciding
+  what "the same organisation" is across subdomains would need the Public Suffix List and still
+  guess. A customer who wants ``docs.example.com`` too adds it as its own source.
+* **robots.txt** (RFC 9309) per origin, for the ``HiredHandsBot`` token: 4xx means no rules; 5xx,
+  a network failure or a refused destination means "assume complete disallow"; ``Crawl-delay``
+  raises the politeness delay up to a cap.
+* **Politeness**: one request at a time per host, ``politeness_seconds`` apart.
+* **Redirects are followed here, not by the client**, so that every hop is judged as a page: it must
+  stay on the site, not be disallowed, not loop, not be a page already found, and no more than the
+  policy's ``max_redirects`` hops. Each hop still goes through the guard, which vets the address it
+  connects to (a same-site name that resolves into a private range is refused there).
+* **Caps**: the guard's response size cap (declared, raw and decoded) and its connect/read
+  timeouts; here, a total time per page (a slow drip) and HTML or plain text only, judged from
+  the ``Content-Type`` before the body is read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+import urllib.robotparser
+from dataclasses import dataclass, field
+from typing import Final
+
+import httpx
+
+from shared.egress import EgressDenied, EgressReason, check_url, guarded_client
+from shared.scans.schemas import Failure, ScanEnvironment, Skip
+
+_DEFAULT_PORTS: Final = {"http": 80, "https": 443}
+_TRACKING_PARAMS: Final = frozenset({"gclid", "fbclid", "msclkid", "dclid", "yclid", "mc_cid", "mc_eid", "_ga", "_gl"})
+# Never worth a request: the Content-Type check would refuse them after the headers anyway.
+BINARY_EXTENSIONS: Final = frozenset(
+    {
+        ".pdf",
+        ".zip",
+        ".gz",
+        ".tgz",
+        ".bz2",
+        ".xz",
+        ".7z",
+        ".rar",
+        ".tar",
+        ".exe",
+        ".dmg",
+        ".msi",
+        ".pkg",
+        ".deb",
+        ".rpm",
+        ".apk",
+        ".iso",
+        ".bin",
+        ".img",
+        ".png",
+        ".jpg",
+        ".jpeg",
+        ".gif",
+        ".webp",
+        ".avif",
+        ".bmp",
+        ".tif",
+        ".tiff",
+        ".ico",
+        ".svg",
+        ".heic",
+        ".psd",
+        ".mp3",
+        ".wav",
+        ".ogg",
+        ".flac",
+        ".m4a",
+        ".aac",
+        ".mp4",
+        ".m4v",
+        ".mov",
+        ".avi",
+        ".mkv",
+        ".webm",
+        ".wmv",
+        ".doc",
+        ".docx",
+        ".xls",
+        ".xlsx",
+        ".ppt",
+        ".pptx",
+        ".odt",
+        ".ods",
+        ".odp",
+        ".rtf",
+        ".epub",
+        ".css",
+        ".js",
+        ".mjs",
+        ".map",
+        ".json",
+        ".xml",
+        ".rss",
+        ".atom",
+        ".csv",
+        ".woff",
+        ".woff2",
+        ".ttf",
+        ".otf",
+        ".eot",
+    }
+)
+_HTML_TYPES: Final = frozenset({"text/html", "application/xhtml+xml"})
+_TEXT_TYPES: Final = frozenset({"text/plain"})
+_ACCEPT: Final = "text/html,application/xhtml+xml;q=0.9,text/plain;q=0.8,*/*;q=0.1"
+_LOOKS_LIKE_HTML: Final = re.compile(rb"^\s*(?:<!doctype\s+html|<html|<head|<body)", re.IGNORECASE)
+
+
+# ---------------------------------------------------------------------------------------------
+# URLs
+# ---------------------------------------------------------------------------------------------
+
+
+def normalise(href: str, base: httpx.URL | str | None = None) -> str | None:
+    """The one spelling of a URL we store and compare: absolute, http(s), no fragment, no userinfo,
+    lower-case host, no default port, ``/`` for an empty path, tracking parameters dropped and the
+    remaining query parameters sorted. ``None`` for anything that is not a web page address."""
+    href = href.strip()
+    if not href or href.startswith("#"):
+        return None
+    try:
+        url = httpx.URL(base).join(href) if base is not None else httpx.URL(href)
+    except (httpx.InvalidURL, TypeError, ValueError):
+        return None
+    if url.scheme not in _DEFAULT_PORTS or not url.host or url.userinfo:
+        return None
+    try:
+        if url.port == _DEFAULT_PORTS[url.scheme]:
+            url = url.copy_with(port=None)
+        params: list[tuple[str, str | int | float | bool | None]] = sorted(
+            (key, value)
+            for key, value in url.params.multi_items()
+            if key.lower() not in _TRACKING_PARAMS and not key.lower().startswith("utm_")
+        )
+        url = url.copy_with(fragment=None, query=str(httpx.QueryParams(params)).encode("ascii") or None)
+        if not url.raw_path.startswith(b"/"):
+            url = url.copy_with(path="/")
+    except (httpx.InvalidURL, ValueError, UnicodeError):
+        return None
+    text = str(url)
+    return text if len(text) <= 2048 else None
+
+
+def site_of(url: str) -> tuple[str, int | None]:
+    """(host with ``www.`` folded, explicit port): two URLs with the same key are one site."""
+    parsed = httpx.URL(url)
+    host = parsed.host.lower().removesuffix(".")
+    host = host.removeprefix("www.")
+    port = parsed.port if parsed.port != _DEFAULT_PORTS.get(parsed.scheme) else None
+    return host, port
+
+
+def has_binary_extension(url: str) -> bool:
+    path = httpx.URL(url).path.lower()
+    last = path.rsplit("/", 1)[-1]
+    return "." in last and "." + last.rsplit(".", 1)[-1] in BINARY_EXTENSIONS
+
+
+def _egress_skip(reason: EgressReason) -> str:
+    if reason is EgressReason.RESPONSE_TOO_LARGE:
+        return Skip.TOO_LARGE
+    if reason is EgressReason.TOO_MANY_REDIRECTS:
+        return Skip.TOO_MANY_REDIRECTS
+    return f"egress_{reason.value}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Outcomes
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    url: str  # where the content came from, after redirects (normalised)
+    body: bytes
+    content_type: str
+    html: bool
+    hops: list[str] = field(default_factory=list)  # redirect targets passed through, final included
+
+
+@dataclass(frozen=True, slots=True)
+class Skipped:
+    reason: str
+    hops: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    reason: Failure
+
+
+Outcome = Page | Skipped | Failed
+
+
+class _Robots:
+    """One origin's rules; ``None`` parser = complete disallow (robots.txt unreachable)."""
+
+    def __init__(self, parser: urllib.robotparser.RobotFileParser | None) -> None:
+        self.parser = parser
+
+    def allows(self, agent: str, url: str) -> bool:
+        return self.parser is not None and self.parser.can_fetch(agent, url)
+
+    def crawl_delay(self, agent: str) -> float:
+        if self.parser is None:
+            return 0.0
+        delay = self.parser.crawl_delay(agent)
+        try:
+            return float(delay) if delay is not None else 0.0
+        except (TypeError, ValueError):
+            return 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# The crawler
+# ---------------------------------------------------------------------------------------------
+
+
+class Crawler:
+    """Fetches pages of one site. Create inside ``async with``: it owns a guarded client."""
+
+    def __init__(self, env: ScanEnvironment, *, start_url: str, agent_token: str) -> None:
+        self.env = env
+        self.site = site_of(start_url)
+        self.agent_token = agent_token
+        self._robots: dict[str, _Robots] = {}
+        self._next_request_at: dict[str, float] = {}
+        self._delay: dict[str, float] = {}
+        self._client: httpx.AsyncClient | None = None  # noqa: TID251 - built by guarded_client
+        self.requests = 0  # every request sent, robots.txt and redirect hops included
+        self.page_requests = 0  # requests for pages (redirect hops included), robots.txt not
+
+    async def __aenter__(self) -> Crawler:
+        self._client = guarded_client(
+            policy=self.env.policy,
+            resolver=self.env.resolver,
+            headers={"User-Agent": self.env.user_agent, "Accept": _ACCEPT},
+            limits=httpx.Limits(max_connections=2, max_keepalive_connections=2),
+        )
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    @property
+    def client(self) -> httpx.AsyncClient:  # noqa: TID251 - built by guarded_client
+        if self._client is None:
+            raise RuntimeError("use the crawler inside 'async with'")
+        return self._client
+
+    def same_site(self, url: str) -> bool:
+        return site_of(url) == self.site
+
+    # -- politeness -------------------------------------------------------------------------------
+
+    async def _wait_turn(self, url: str) -> None:
+        host = site_of(url)[0]
+        wait = self._next_request_at.get(host, 0.0) - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
+
+    def _done(self, url: str) -> None:
+        host = site_of(url)[0]
+        self._next_request_at[host] = time.monotonic() + self._delay.get(host, self.env.politeness_seconds)
+
+    # -- robots.txt -------------------------------------------------------------------------------
+
+    async def robots_allow(self, url: str) -> str | None:
+        """``None`` when ``url`` may be fetched, else the skip reason."""
+        parsed = httpx.URL(url)
+        origin = f"{parsed.scheme}://{parsed.netloc.decode('ascii')}"
+        rules = self._robots.get(origin)
+        if rules is None:
+            rules = await self._load_robots(origin)
+            self._robots[origin] = rules
+            host = site_of(url)[0]
+            delay = min(self.env.max_crawl_delay_seconds, rules.crawl_delay(self.agent_token))
+            self._delay[host] = max(self.env.politeness_seconds, delay, self._delay.get(host, 0.0))
+        if rules.parser is None:
+            return Skip.ROBOTS_UNREACHABLE
+        return None if rules.allows(self.agent_token, url) else Skip.ROBOTS
+
+    async def _load_robots(self, origin: str) -> _Robots:
+        url = origin + "/robots.txt"
+        await self._wait_turn(url)
+        try:
+            async with asyncio.timeout(self.env.page_timeout_seconds):
+                self.requests += 1
+                async with self.client.stream("GET", url, headers={"Accept": "text/plain"}) as response:
+                    if 400 <= response.status_code < 500:
+                        return _Robots(_parse_robots(""))  # "unavailable": no rules (RFC 9309 2.3.1.3)
+                    if response.status_code >= 300:
+                        return _Robots(None)  # 5xx, or a redirect past the limit: assume complete disallow
+                    body = bytearray()
+                    async for chunk in response.aiter_bytes():
+                        body.extend(chunk)
+                        if len(body) >= self.env.robots_max_bytes:
+                            break
+        except (httpx.HTTPError, EgressDenied, TimeoutError):
+            return _Robots(None)  # unreachable: complete disallow (RFC 9309 2.3.1.4)
+        finally:
+            self._done(url)
+        return _Robots(_parse_robots(bytes(body[: self.env.robots_max_bytes]).decode("utf-8", "replace")))
+
+    # -- pages ------------------------------------------------------------------------------------
+
+    async def fetch(self, url: str, *, seen: set[str]) -> Outcome:
+        """Fetch a same-site page, following its redirects by the rules above.
+
+        ``seen``: the URLs already found; a redirect to one of them is a duplicate. The targets
+        passed through come back in ``hops`` for the caller to record as found.
+        """
+        hops: list[str] = []
+        current = url
+        chain = {url}
+        while True:
+            refusal = await self.robots_allow(current)
+            if refusal is not None:
+                return Skipped(refusal, hops)
+            outcome = await self._get(current)
+            if not isinstance(outcome, str):
+                if isinstance(outcome, Page):
+                    return Page(outcome.url, outcome.body, outcome.content_type, outcome.html, hops)
+                return Skipped(outcome.reason, hops) if isinstance(outcome, Skipped) else outcome
+            target = normalise(outcome, current)
+            if target is None:
+                return Skipped(Skip.HTTP_ERROR, hops)
+            if len(hops) >= self.env.policy.max_redirects:
+                return Skipped(Skip.TOO_MANY_REDIRECTS, hops)
+            if target in chain:
+                return Skipped(Skip.REDIRECT_LOOP, hops)
+            if not self.same_site(target):
+                return Skipped(await self._off_site_reason(target), hops)
+            if target in seen:
+                return Skipped(Skip.DUPLICATE_URL, hops)
+            hops.append(target)
+            chain.add(target)
+            if has_binary_extension(target):
+                return Skipped(Skip.NOT_HTML, hops)
+            current = target
+
+    async def _off_site_reason(self, target: str) -> str:
+        # Not followed either way; but a redirect into a private range or a metadata service is
+        # recorded (and logged by the guard) as what it is, not as an ordinary off-site link.
+        try:
+            await check_url(target, policy=self.env.policy, resolver=self.env.resolver)
+        except EgressDenied as denied:
+            if denied.reason in (EgressReason.PRIVATE_ADDRESS, EgressReason.METADATA, EgressReason.INTERNAL_NAME):
+                return _egress_skip(denied.reason)
+        return Skip.OFF_SITE
+
+    async def _get(self, url: str) -> Page | Skipped | Failed | str:
+        """One request. A ``str`` is a redirect's Location."""
+        await self._wait_turn(url)
+        try:
+            async with asyncio.timeout(self.env.page_timeout_seconds):
+                self.requests += 1
+                self.page_requests += 1
+                request = self.client.build_request("GET", url)
+                response = await self.client.send(request, stream=True, follow_redirects=False)
+                try:
+                    return await self._read(url, response)
+                finally:
+                    await response.aclose()
+        except EgressDenied as denied:
+            if denied.reason is EgressReason.UNRESOLVABLE:
+                return Failed(Failure.CONNECTION_ERROR)
+            return Skipped(_egress_skip(denied.reason))
+        except TimeoutError:
+            return Failed(Failure.TIMEOUT)
+        except httpx.TimeoutException:
+            return Failed(Failure.TIMEOUT)
+        except httpx.HTTPError:
+            return Failed(Failure.CONNECTION_ERROR)
+        finally:
+            self._done(url)
+
+    async def _read(self, url: str, response: httpx.Response) -> Page | Skipped | Failed | str:
+        status = response.status_code
+        if status in (301, 302, 303, 307, 308):
+            location = response.headers.get("location")
+            return location if location else Skipped(Skip.HTTP_ERROR)
+        if status == 429 or status >= 500:
+            return Failed(Failure.SERVER_ERROR)
+        if not 200 <= status < 300:
+            return Skipped(Skip.HTTP_ERROR)
+        content_type = response.headers.get("content-type", "")
+        media = content_type.split(";", 1)[0].strip().lower()
+        if media and media not in _HTML_TYPES and media not in _TEXT_TYPES:
+            return Skipped(Skip.NOT_HTML)  # the body is never read
+        body = await response.aread()
+        html = media in _HTML_TYPES or (not media and bool(_LOOKS_LIKE_HTML.match(body[:1024])))
+        if not media and not html:
+            return Skipped(Skip.NOT_HTML)
+        return Page(url, body, content_type, html)
+
+
+def _parse_robots(text: str) -> urllib.robotparser.RobotFileParser:
+    parser = urllib.robotparser.RobotFileParser()
+    parser.parse(text.splitlines())
+    return parser

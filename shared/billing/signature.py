@@ -32,6 +32,8 @@ from shared.settings import Settings
 
 # Stripe's libraries default to five minutes; every retry is signed afresh, so this only bounds replays.
 TOLERANCE_SECONDS: Final = 300
+# A real header is one timestamp and a few 64-hex signatures.
+MAX_HEADER_CHARS: Final = 4096
 
 
 def webhook_secrets(settings: Settings) -> list[str]:
@@ -73,6 +75,8 @@ def verify_event(
         raise WebhookSecretUnset("No webhook signing secret is configured, so no event can be verified.")
     if not header or not header.strip():
         raise SignatureMissing("The Stripe-Signature header is required.")
+    if len(header) > MAX_HEADER_CHARS:
+        raise SignatureInvalid("The Stripe-Signature header is too long to be Stripe's.")
     try:
         body = payload.decode("utf-8")
     except UnicodeDecodeError:

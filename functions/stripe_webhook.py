@@ -23,5 +23,6 @@ async def stripe_webhook(
     return await receive_event(db, payload, stripe_signature, request_id=getattr(request.state, REQUEST_ID, None))
 
 
-app = create_app("stripe_webhook", [router])
+# Stripe's events can carry many invoice lines; a refused event would be retried, then dropped.
+app = create_app("stripe_webhook", [router], max_body_bytes=512 * 1024)
 lambda_handler = Mangum(app, lifespan="off")

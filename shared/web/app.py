@@ -107,7 +107,10 @@ class RequestContextMiddleware:
             )
 
 
-def create_app(function: str, routers: Iterable[APIRouter], **fastapi_kwargs: Any) -> FastAPI:
+def create_app(
+    function: str, routers: Iterable[APIRouter], *, max_body_bytes: int | None = None, **fastapi_kwargs: Any
+) -> FastAPI:
+    """The app for one function. ``max_body_bytes`` overrides the default body cap for that function."""
     settings = get_settings()
     app = FastAPI(
         title=f"HiredHands {function}",
@@ -119,5 +122,7 @@ def create_app(function: str, routers: Iterable[APIRouter], **fastapi_kwargs: An
     for router in routers:
         app.include_router(router)
     install_problem_handlers(app)
-    app.add_middleware(RequestContextMiddleware, function=function, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        RequestContextMiddleware, function=function, max_body_bytes=max_body_bytes or settings.max_body_bytes
+    )
     return app

@@ -138,3 +138,14 @@ class TestEgressDenied:
 
 
 app = create_app("test-app", [router])
+
+
+class TestPerFunctionBodyLimit:
+    async def test_a_function_can_accept_larger_bodies(self) -> None:
+        roomy = create_app("roomy", [router], max_body_bytes=256 * 1024)
+        transport = httpx.ASGITransport(app=roomy, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            big = await client.post("/t/k/echo", json={"name": "a" * 100_000})
+            too_big = await client.post("/t/k/echo", json={"name": "a" * 300_000})
+        assert big.status_code == 422, "a 100 kB body reaches validation under a 256 kB cap"
+        assert too_big.status_code == 413

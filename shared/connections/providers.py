@@ -53,9 +53,14 @@ NOTION_VERSION: Final = "2022-06-28"
 GITHUB_API_VERSION: Final = "2022-11-28"
 USER_AGENT: Final = "HiredHands-Connections/1.0 (+https://hiredhands.dev)"
 
-# Webhook-style sends: no redirects, short timeouts, small answers (we read a few fields at most).
+# Every connection call: https only (credentials never travel in clear), no redirects, short
+# timeouts, small answers (we read a few fields at most).
 DELIVERY_POLICY: Final = EgressPolicy(
-    purpose="connection", connect_timeout=5.0, read_timeout=10.0, max_response_bytes=1024 * 1024
+    purpose="connection",
+    allowed_schemes=frozenset({"https"}),
+    connect_timeout=5.0,
+    read_timeout=10.0,
+    max_response_bytes=1024 * 1024,
 )
 
 

@@ -25,7 +25,9 @@ from psycopg.rows import DictRow
 from standardwebhooks import Webhook
 
 from functions.connection_verify import app
-from shared.connections.providers import get_provider_environment
+from shared.connections.errors import CredentialRejected
+from shared.connections.providers import PRODUCTION, get_provider_environment, verify
+from shared.connections.schemas import Credential
 from shared.crypto import get_keyring
 from shared.db.session import get_database
 from shared.egress import EgressPolicy
@@ -598,3 +600,30 @@ class TestSecretsTable:
             rows = await (await db.execute("select * from public.connections")).fetchall()
         assert [str(r["id"]) for r in rows] == [connection_id]
         assert token not in json.dumps([dict(r) for r in rows], default=str)
+
+
+class TestProductionEnvironment:
+    """What production talks to is fixed in code: only tests build another environment."""
+
+    def test_defaults_are_the_real_providers_over_https(self) -> None:
+        env = get_provider_environment()
+        assert env.github_api == "https://api.github.com"
+        assert env.notion_api == "https://api.notion.com"
+        assert env.slack_hosts == frozenset({"hooks.slack.com"})
+        assert env.https_only
+        assert env.policy.allowed_schemes == frozenset({"https"})
+        assert env.policy.allow_addresses == frozenset()
+        assert env.policy.max_redirects == 0
+
+    @pytest.mark.parametrize(
+        "url",
+        [
+            "http://hooks.slack.com/services/T0AAAAAA/B0AAAAAA/abcdefghijklmnopqrstuvwx",
+            "https://hooks.slack.com.evil.example/services/T0AAAAAA/B0AAAAAA/abcdefghijklmnopqrstuvwx",
+            "https://hooks.slack.com/workflows/T0AAAAAA/B0AAAAAA/abcdefghijklmnopqrstuvwx",
+        ],
+    )
+    async def test_slack_urls_must_be_https_on_slacks_host_with_slacks_shape(self, url: str) -> None:
+        async with PRODUCTION.client() as client:
+            with pytest.raises(CredentialRejected):
+                await verify("slack_webhook", Credential(url=url), {}, client=client, env=PRODUCTION)

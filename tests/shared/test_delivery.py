@@ -42,8 +42,20 @@ def fakes() -> Iterator[Fakes]:
 
 
 @pytest.fixture(autouse=True)
-def _reset(fakes: Fakes) -> None:
+def _reset_and_check_logs(fakes: Fakes, log_lines: list[str]) -> Iterator[None]:
     fakes.reset()
+    yield
+    # Whatever happened (retries, broken connections, egress denials), no log line carries a credential.
+    secrets = [
+        *fakes.github.tokens,
+        *fakes.notion.tokens,
+        *(path.rsplit("/", 1)[1] for path in fakes.slack.hooks),
+        *(token for token, _ in fakes.discord.hooks.values()),
+        *SIGNING_SECRETS,
+    ]
+    for line in log_lines:
+        for secret in secrets:
+            assert secret not in line, "a log line contains a raw credential"
 
 
 @pytest.fixture
@@ -133,8 +145,12 @@ async def run(fakes: Fakes, **settings: Any) -> RunReport:
     return await Worker(get_database(), env=fakes.env, settings=WorkerSettings(**options)).run()
 
 
+SIGNING_SECRETS: list[str] = []
+
+
 def signing_secret() -> str:
-    return "whsec_" + base64.b64encode(os.urandom(32)).decode()
+    SIGNING_SECRETS.append("whsec_" + base64.b64encode(os.urandom(32)).decode())
+    return SIGNING_SECRETS[-1]
 
 
 async def webhook_connection(

@@ -7,6 +7,7 @@ production; nothing of ours is patched.
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import json
 import secrets
@@ -24,8 +25,10 @@ import pytest
 import redis
 from fastapi import FastAPI
 from psycopg import AsyncConnection
+from psycopg.rows import dict_row
 
 from shared.db.errors import map_db_errors
+from shared.db.pool import close_pools
 from shared.db.session import as_user, get_database
 from shared.gateway import CAPTURE_LEAD, ESCALATE, close_clients
 from shared.redis import close_redis
@@ -904,6 +907,87 @@ class TestKnowledge:
         assert online.requests_to("/v1/embeddings") == []
         usage = await rows(db, "select kind from public.usage_events where org_id = %s", widget.org["id"])
         assert usage == [{"kind": "chat"}]
+
+
+class TestConcurrency:
+    VISITORS = 200
+    ROOM_FOR = 50
+
+    @pytest.mark.usefixtures("committed_db")
+    async def test_simultaneous_visitors_never_spend_past_the_budget_and_the_rest_are_answered_gracefully(
+        self,
+        app: FastAPI,
+        online: FakeOpenAI,
+        configure: Configure,
+        admin_url: str,
+        direct_redis: redis.Redis,
+    ) -> None:
+        # The real pool, committed data, a fresh organization; each visitor from its own address.
+        configure(DB_POOL_MAX_SIZE="10", DB_CONNECT_TIMEOUT_SECONDS="30")
+        await close_pools()
+        online.reply.prompt_tokens, online.reply.completion_tokens = 100, 20  # 27 micro-dollars an answer
+        async with await AsyncConnection.connect(admin_url, autocommit=True, row_factory=dict_row) as admin:
+            org = await create_org(admin)
+            key = new_key()
+            agent = await create_agent(admin, org, widget_key=key, allowed_origins=[ORIGIN])
+            budget = self.ROOM_FOR * 27
+            await admin.execute(
+                "update public.organization_limits set monthly_budget_microusd = %s, burst_per_minute = 100000,"
+                " widget_rpm_per_agent = 100000, widget_rpm_per_visitor = 100000 where org_id = %s",
+                (budget, org["id"]),
+            )
+            transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+            try:
+                async with httpx.AsyncClient(transport=transport, base_url="https://api.hiredhands.test") as http:
+                    responses = await asyncio.gather(
+                        *(
+                            http.post(
+                                f"/api/widget/{key}/chat",
+                                json={"message": f"Question {i}"},
+                                headers={"Origin": ORIGIN, "X-Real-IP": f"10.0.{i // 250}.{i % 250}"},
+                            )
+                            for i in range(self.VISITORS)
+                        )
+                    )
+            finally:
+                keys = [*direct_redis.scan_iter(match=f"hh:rl:*:{agent['id']}*")]
+                keys += [*direct_redis.scan_iter(match=f"hh:rl:model-burst:{org['id']}:*")]
+                if keys:
+                    direct_redis.delete(*keys)
+
+            answered = [r for r in responses if r.status_code == 200]
+            unavailable = [r for r in responses if r.status_code == 503]
+            assert len(answered) + len(unavailable) == self.VISITORS, {r.status_code for r in responses}
+            assert all(problem(r)["type"].endswith("/agent-unavailable") for r in unavailable)
+            assert all(int(r.headers["retry-after"]) > 0 for r in unavailable)
+            assert 0 < len(answered) <= self.ROOM_FOR
+            assert unavailable, "the budget ran out"
+
+            period = await (
+                await admin.execute("select * from public.budget_periods where org_id = %s", (org["id"],))
+            ).fetchone()
+            assert period is not None
+            assert period["spent_microusd"] <= budget
+            assert period["reserved_microusd"] == 0
+            usage = await (
+                await admin.execute(
+                    "select outcome, count(*) as n, count(distinct conversation_id) as conversations"
+                    " from public.usage_events where org_id = %s group by outcome",
+                    (org["id"],),
+                )
+            ).fetchall()
+            by_outcome = {row["outcome"]: row for row in usage}
+            assert by_outcome["ok"]["n"] == by_outcome["ok"]["conversations"] == len(answered), (
+                "each answer metered once"
+            )
+            assert by_outcome["rejected"]["n"] == len(unavailable)
+            assert set(by_outcome) == {"ok", "rejected"}
+            stored = await (
+                await admin.execute("select count(*) as n from public.conversations where org_id = %s", (org["id"],))
+            ).fetchone()
+            assert stored is not None
+            assert stored["n"] == len(answered), "a refused request stores nothing"
+            assert len(online.requests) == len(answered), "no refused request reached the model"
 
 
 # -- dependencies down ------------------------------------------------------------------------------

@@ -129,7 +129,8 @@ async def add_item(
         title,
         Jsonb({"visitor_email": "ada@example.com", "summary": "Wants a refund for order 1042 <!channel> @everyone"}),
     )
-    return rows[0]["id"]
+    item_id: uuid.UUID = rows[0]["id"]
+    return item_id
 
 
 async def deliveries(admin: Connection, org: dict[str, Any]) -> list[dict[str, Any]]:

@@ -19,8 +19,9 @@ OriginHeader = Annotated[str | None, Header(alias="origin")]
 
 
 @router.get("/api/widget/{key}/config")
-async def config(key: str, db: Db, response: Response, origin: OriginHeader = None) -> WidgetConfig:
+async def config(key: str, db: Db, request: Request, response: Response, origin: OriginHeader = None) -> WidgetConfig:
     served = await service.widget_config(db, key=key, origin=origin)
+    request.state.org_id = served.org_id
     response.headers.update(served.headers)
     return served.body
 
@@ -51,6 +52,7 @@ async def chat(
         client_address=service.client_address(x_real_ip, request.client),
         request_id=request.state.request_id,
     )
+    request.state.org_id = served.org_id
     response.headers.update(served.headers)
     return served.body
 

@@ -24,6 +24,7 @@ MessageRole = Literal["visitor", "agent", "system"]
 
 @dataclass(frozen=True, slots=True)
 class ConfigRow:
+    org_id: UUID
     display_name: str | None
     greeting: str | None
     theme: dict[str, Any]
@@ -59,7 +60,7 @@ class ChatContext:
 # Same shape for every key: the unique index on widget_key_hash, then the enabled flag. Unknown,
 # rotated-out and disabled keys all end here with no row.
 _CONFIG = """
-select a.display_name, a.greeting, a.theme, a.allowed_origins
+select a.org_id, a.display_name, a.greeting, a.theme, a.allowed_origins
   from public.agents as a
  where a.widget_key_hash = %(key_hash)s
    and a.widget_enabled

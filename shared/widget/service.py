@@ -92,10 +92,12 @@ _ROLE_FOR_MODEL = {"visitor": "user", "agent": "assistant"}
 
 @dataclass(frozen=True, slots=True)
 class Served(Generic[T]):
-    """A response body and the headers that go with it (CORS for the request's origin)."""
+    """A response body, the headers that go with it (CORS for the request's origin) and, for the
+    request's log line, the organization it served."""
 
     body: T
     headers: dict[str, str]
+    org_id: str
 
 
 @contextmanager
@@ -118,7 +120,7 @@ async def widget_config(db: Database, *, key: str, origin: str | None) -> Served
         raise WidgetNotFound()
     decision = cors.decide(origin, row.allowed_origins)
     config = WidgetConfig(display_name=row.display_name, greeting=row.greeting, theme=row.theme)
-    return Served(config, decision.headers())
+    return Served(config, decision.headers(), str(row.org_id))
 
 
 async def preflight(db: Database, *, key: str, origin: str | None) -> dict[str, str]:
@@ -211,7 +213,7 @@ async def chat(
         reply=reply,
         status=status,
     )
-    return Served(body, headers)
+    return Served(body, headers, str(context.org_id))
 
 
 def _conversation(

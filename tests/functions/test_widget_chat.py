@@ -327,8 +327,10 @@ class TestKeysFromTheAttackersSide:
 
         assert log_lines
         assert not [line for line in log_lines if widget.key in line or "hh_wk_" in line]
-        routes = {json.loads(line).get("route") for line in log_lines}
-        assert "/api/widget/{key}/chat" in routes
+        lines = [json.loads(line) for line in log_lines]
+        served = [line for line in lines if line.get("route") == "/api/widget/{key}/chat" and line["status"] == 200]
+        assert served, lines
+        assert served[0]["org_id"] == str(widget.org["id"]), "the request's log line names the organization"
 
 
 # -- conversations and visitor tokens ---------------------------------------------------------------

@@ -48,7 +48,9 @@ class WorkerSettings:
     max_attempts: int = 8
     base_backoff_seconds: float = 30.0
     max_backoff_seconds: float = 3600.0
-    time_budget_seconds: float = 25.0  # stop claiming after this; the cron runs again next minute
+    # Stop claiming after this; the cron runs again next minute. Below Vercel's default function
+    # duration, so the last batch usually finishes too (if not, its leases bring the rows back).
+    time_budget_seconds: float = 8.0
 
 
 @dataclass(slots=True)

@@ -580,6 +580,13 @@ class TestBadInput:
                 ["body", 16],
             ),
             "not an object": ({"json": ["hi"]}, 422, ["body"]),
+            # A "simple" cross-site request (no preflight) cannot carry a message: only JSON is read.
+            "text/plain": ({"content": b'{"message": "hi"}', "headers": {"content-type": "text/plain"}}, 422, ["body"]),
+            "form": (
+                {"content": b"message=hi", "headers": {"content-type": "application/x-www-form-urlencoded"}},
+                422,
+                ["body"],
+            ),
         }
         for name, (request, status, loc) in cases.items():
             response = await client.post(

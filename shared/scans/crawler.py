@@ -203,10 +203,13 @@ Outcome = Page | Skipped | Failed
 
 
 class _Robots:
-    """One origin's rules; ``None`` parser = complete disallow (robots.txt unreachable)."""
+    """One origin's rules; ``None`` parser = complete disallow, for ``refusal``'s reason."""
 
-    def __init__(self, parser: urllib.robotparser.RobotFileParser | None) -> None:
+    def __init__(
+        self, parser: urllib.robotparser.RobotFileParser | None, refusal: str = Skip.ROBOTS_UNREACHABLE
+    ) -> None:
         self.parser = parser
+        self.refusal = refusal
 
     def allows(self, agent: str, url: str) -> bool:
         return self.parser is not None and self.parser.can_fetch(agent, url)
@@ -289,7 +292,7 @@ class Crawler:
             delay = min(self.env.max_crawl_delay_seconds, rules.crawl_delay(self.agent_token))
             self._delay[host] = max(self.env.politeness_seconds, delay, self._delay.get(host, 0.0))
         if rules.parser is None:
-            return Skip.ROBOTS_UNREACHABLE
+            return rules.refusal
         return None if rules.allows(self.agent_token, url) else Skip.ROBOTS
 
     async def _load_robots(self, origin: str) -> _Robots:
@@ -308,7 +311,11 @@ class Crawler:
                         body.extend(chunk)
                         if len(body) >= self.env.robots_max_bytes:
                             break
-        except (httpx.HTTPError, EgressDenied, TimeoutError):
+        except EgressDenied as denied:
+            # The origin itself is refused (e.g. a same-site name that resolves into a private range):
+            # recorded as what the guard said, for every page of that origin.
+            return _Robots(None, _egress_skip(denied.reason))
+        except (httpx.HTTPError, TimeoutError):
             return _Robots(None)  # unreachable: complete disallow (RFC 9309 2.3.1.4)
         finally:
             self._done(url)

@@ -2,8 +2,8 @@
 
 Serverless functions are killed at their limit, so nothing lives only in memory for long:
 
-* **Flushes.** Pages are processed in small batches (``flush_pages`` pages or ``flush_chunks``
-  chunks): the batch's chunks are embedded in one gateway call (budgeted and metered), then the
+* **Flushes.** Pages are processed in small batches (``flush_pages`` pages visited or
+  ``flush_chunks`` chunks): the batch's chunks are embedded in one gateway call (budgeted and metered), then the
   chunks, the frontier, the visited set and the counters are saved in one transaction that also
   renews the lease. A worker killed between flushes loses only the unsaved batch; the next worker
   resumes from the last flush and fetches those few pages again.
@@ -79,8 +79,9 @@ class _Pending:
 
 @dataclass(slots=True)
 class _Batch:
-    pages: list[_Pending] = field(default_factory=list)
+    pages: list[_Pending] = field(default_factory=list)  # to store
     chunks: int = 0
+    visits: int = 0  # pages taken from the frontier since the last flush, stored or not
 
 
 def page_hash(text: str) -> bytes:
@@ -191,7 +192,8 @@ class _ScanRun:
                     return
                 url, depth = state.frontier.popleft()
                 await self._visit(crawler, url, depth)
-                if len(self.batch.pages) >= self.env.flush_pages or self.batch.chunks >= self.env.flush_chunks:
+                self.batch.visits += 1
+                if self.batch.visits >= self.env.flush_pages or self.batch.chunks >= self.env.flush_chunks:
                     await self._flush()
                     if self.budget_exhausted:
                         return

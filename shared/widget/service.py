@@ -7,10 +7,10 @@
    and, for a valid token, the conversation and its recent history. No row: ``WidgetNotFound``.
 3. The origin policy (``cors.decide``); from here on every response, errors included, carries the
    CORS headers of an allowed origin.
-4. The conversation: a token that does not name a conversation of this agent, or a conversation id
-   without its token, is ``ConversationNotFound``; closed or full conversations are 409s.
-5. Rate limits in Redis: per visitor (the client address, per agent) and then per agent, each a 429
+4. Rate limits in Redis: per visitor (the client address, per agent) and then per agent, each a 429
    with ``Retry-After``. Redis unreachable: the per-agent limit is counted in Postgres instead.
+5. The conversation: a token that does not name a conversation of this agent, or a conversation id
+   without its token, is ``ConversationNotFound``; closed or full conversations are 409s.
 6. Knowledge: the question's embedding through the gateway (none offline), then hybrid retrieval.
 7. The gateway's chat call (burst limit, budget reservation, call, metering).
 8. One write (``queries.store_turn``): the conversation, both messages and any review items.
@@ -183,8 +183,9 @@ async def chat(
     decision = cors.decide(origin, context.allowed_origins)
     headers = decision.headers()
     with _with_headers(headers):
-        conversation_id, visitor_id = _conversation(context, claims, token, request)
+        # Limits first: a request with a bad token still counts, so guessing costs allowance too.
         await _enforce_rate_limits(db, context, visitor_address_key(client_address), request_id)
+        conversation_id, visitor_id = _conversation(context, claims, token, request)
         reply, status, items = await _answer(db, context, conversation_id, request.message, request_id)
         async with as_service(db) as conn:
             stored = await queries.store_turn(

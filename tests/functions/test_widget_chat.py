@@ -664,6 +664,16 @@ class TestRateLimits:
         assert flood == [200] + [429] * 9
         assert others == [200, 200]
 
+    async def test_requests_with_bad_tokens_count_against_the_visitor(
+        self, db: Connection, client: httpx.AsyncClient, make_widget: Callable[..., Any]
+    ) -> None:
+        widget = await make_widget()
+        await set_limits(db, widget.org["id"], widget_rpm_per_visitor=3)
+
+        statuses = [(await send(client, widget, token=f"hh_vt_guess{i}")).status_code for i in range(5)]
+
+        assert statuses == [404, 404, 404, 429, 429]
+
     async def test_with_redis_unreachable_the_agent_limit_is_counted_in_postgres(
         self,
         db: Connection,

@@ -244,7 +244,7 @@ class _GuardedTransport(httpx.AsyncBaseTransport):
 
 
 # The ban on httpx.AsyncClient (pyproject banned-api) exists so that this module is the only user.
-class _GuardedClient(httpx.AsyncClient):  # noqa: TID251
+class _GuardedClient(httpx.AsyncClient):
     def __init__(self, *, egress_policy: EgressPolicy, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._egress_policy = egress_policy
@@ -264,7 +264,7 @@ class _GuardedClient(httpx.AsyncClient):  # noqa: TID251
 
 def guarded_client(
     *, policy: EgressPolicy | None = None, resolver: Resolver | None = None, **httpx_kwargs: Any
-) -> httpx.AsyncClient:  # noqa: TID251
+) -> httpx.AsyncClient:
     """The only client for customer-supplied URLs (scans, webhooks, deliveries).
 
     Accepts AsyncClient's request-shaping options (headers, params, cookies, auth, base_url, event_hooks,

@@ -149,7 +149,7 @@ class StaticResolver:
     answers: dict[str, list[str]]
     calls: list[str] = field(default_factory=list)
 
-    async def resolve(self, host: str, port: int) -> list[str]:  # noqa: ARG002 - the Resolver protocol
+    async def resolve(self, host: str, port: int) -> list[str]:
         self.calls.append(host)
         if host not in self.answers:
             raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
@@ -163,7 +163,7 @@ class SequenceResolver:
     answers: list[list[str]]
     calls: int = 0
 
-    async def resolve(self, host: str, port: int) -> list[str]:  # noqa: ARG002 - the Resolver protocol
+    async def resolve(self, host: str, port: int) -> list[str]:
         answer = self.answers[min(self.calls, len(self.answers) - 1)]
         self.calls += 1
         return answer
@@ -172,12 +172,12 @@ class SequenceResolver:
 class NoDnsResolver:
     """For hosts that must be refused from their spelling alone."""
 
-    async def resolve(self, host: str, port: int) -> list[str]:  # noqa: ARG002 - the Resolver protocol
+    async def resolve(self, host: str, port: int) -> list[str]:
         raise AssertionError(f"no DNS lookup expected, got one for {host!r}")
 
 
 class SlowResolver:
-    async def resolve(self, host: str, port: int) -> list[str]:  # noqa: ARG002 - the Resolver protocol
+    async def resolve(self, host: str, port: int) -> list[str]:
         await asyncio.sleep(5)
         return [PUBLIC_V4]
 

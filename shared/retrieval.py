@@ -2,8 +2,10 @@
 
 Hybrid search in one SQL statement over ``public.knowledge_chunks``:
 
-* full text: ``websearch_to_tsquery('english', query)`` against the generated ``tsv`` column
-  (GIN index), ranked by ``ts_rank``;
+* full text: any of the question's stemmed words (``plainto_tsquery`` with its ``&`` turned
+  into ``|``) against the generated ``tsv`` column (GIN index), ranked by ``ts_rank``, so
+  passages matching more of the words rank first. Requiring every word (``websearch_to_tsquery``)
+  made "How do returns work?" miss the returns policy because it never says "work";
 * vector: cosine distance (``<=>``, HNSW index) to the query's embedding, when there is one;
 * the two rankings are fused by reciprocal rank fusion, ``score = sum(1 / (60 + rank))`` over the
   lists a chunk appears in (k = 60, from Cormack et al., 2009). RRF needs no calibration between
@@ -43,7 +45,7 @@ class RetrievedChunk:
 
 
 _FULL_TEXT = """
-with q as (select websearch_to_tsquery('english', %(query)s) as tsq),
+with q as (select replace(plainto_tsquery('english', %(query)s)::text, ' & ', ' | ')::tsquery as tsq),
 full_text as (
   select c.id, row_number() over (order by ts_rank(c.tsv, q.tsq) desc, c.id) as rank
     from public.knowledge_chunks as c, q
@@ -62,7 +64,7 @@ select c.id, coalesce(c.url, '') as url, coalesce(c.title, '') as title, c.conte
 
 _HYBRID = """
 with q as (
-  select websearch_to_tsquery('english', %(query)s) as tsq,
+  select replace(plainto_tsquery('english', %(query)s)::text, ' & ', ' | ')::tsquery as tsq,
          %(embedding)s::text::extensions.vector(1536) as embedding
 ),
 full_text as (

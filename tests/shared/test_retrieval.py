@@ -77,6 +77,16 @@ class TestFullText:
         )
         assert hit.score == pytest.approx(1 / (RRF_K + 1))
 
+    async def test_a_question_with_words_the_passage_lacks_still_finds_it(
+        self, db: Connection, agent: dict[str, Any]
+    ) -> None:
+        returns = await add_chunk(db, agent, "Returns are accepted within 30 days with a receipt.", title="Returns")
+        await add_chunk(db, agent, "Our shop opens at nine on weekdays.", title="Opening hours")
+
+        hits = await search(db, agent, "How do returns work?")
+
+        assert [h.id for h in hits] == [returns], "one matching word is enough; more matches rank higher"
+
     async def test_more_relevant_chunks_rank_first(self, db: Connection, agent: dict[str, Any]) -> None:
         passing = await add_chunk(db, agent, "Shipping to Canada is available. Returns are free.")
         focused = await add_chunk(db, agent, "Shipping costs: shipping is free over 50 dollars; shipping takes 3 days.")

@@ -143,8 +143,7 @@ def normalise(href: str, base: httpx.URL | str | None = None) -> str | None:
             if key.lower() not in _TRACKING_PARAMS and not key.lower().startswith("utm_")
         )
         url = url.copy_with(fragment=None, query=str(httpx.QueryParams(params)).encode("ascii") or None)
-        if not url.raw_path.startswith(b"/"):
-            url = url.copy_with(path="/")
+        url = url.copy_with(path=url.path or "/")  # "https://a.example" and "https://a.example/" are one page
     except (httpx.InvalidURL, ValueError, UnicodeError):
         return None
     text = str(url)
@@ -263,6 +262,10 @@ class Crawler:
             raise RuntimeError("use the crawler inside 'async with'")
         return self._client
 
+    def delay(self, url: str) -> float:
+        """Seconds between two requests to ``url``'s host (politeness, or robots.txt's Crawl-delay)."""
+        return self._delay.get(site_of(url)[0], self.env.politeness_seconds)
+
     def same_site(self, url: str) -> bool:
         return site_of(url) == self.site
 
@@ -276,7 +279,7 @@ class Crawler:
 
     def _done(self, url: str) -> None:
         host = site_of(url)[0]
-        self._next_request_at[host] = time.monotonic() + self._delay.get(host, self.env.politeness_seconds)
+        self._next_request_at[host] = time.monotonic() + self.delay(url)
 
     # -- robots.txt -------------------------------------------------------------------------------
 

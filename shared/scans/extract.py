@@ -15,6 +15,7 @@ from typing import Final
 
 _CHARSET_HEADER: Final = re.compile(r"charset\s*=\s*[\"']?([A-Za-z0-9._:-]+)", re.IGNORECASE)
 _CHARSET_META: Final = re.compile(rb"<meta[^>]+charset\s*=\s*[\"']?([A-Za-z0-9._:-]+)", re.IGNORECASE)
+_XML_DECLARATION: Final = re.compile(r"^\s*<\?xml[^>]*\?>")
 _DIRECTIVE_SPLIT: Final = re.compile(r"[\s,]+")
 MAX_TITLE_CHARS: Final = 500
 
@@ -59,9 +60,12 @@ def extract_html(body: bytes, content_type: str, *, url: str) -> Extracted:
     import lxml.html  # type: ignore[import-untyped]
     import trafilatura
 
-    parser = lxml.html.HTMLParser(encoding=_charset(content_type, body), remove_comments=True)
+    # Decoded here, with Python's codecs (libxml2 knows fewer charset names), and handed over as
+    # text; an XML declaration would make lxml refuse a str, and says nothing the charset did not.
+    markup = _XML_DECLARATION.sub("", body.decode(_charset(content_type, body), errors="replace"), count=1)
+    parser = lxml.html.HTMLParser(remove_comments=True)
     try:
-        tree = lxml.html.fromstring(body, parser=parser)
+        tree = lxml.html.fromstring(markup, parser=parser)
     except (lxml.etree.ParserError, ValueError):  # empty or unparsable document
         return Extracted(title=None, text="")
     if tree is None:
@@ -84,7 +88,9 @@ def extract_html(body: bytes, content_type: str, *, url: str) -> Extracted:
     head_title = tree.findtext(".//title")
 
     if noindex:
-        return Extracted(title=_clean_title(head_title), text="", links=links, base=base, noindex=True)
+        return Extracted(
+            title=_clean_title(head_title), text="", links=links, base=base, noindex=True, nofollow=nofollow
+        )
 
     document = trafilatura.bare_extraction(
         tree, url=url, with_metadata=True, include_comments=False, include_tables=True, include_images=False

@@ -103,7 +103,7 @@ async def test_the_vector_half_finds_the_page_with_no_word_in_common(
     ).fetchone()
     assert stored is not None
     assert stored["embedding"] is not None, "the scan stored the chunk's vector"
-    question = "Is a reimbursement possible?"
+    question = "Any reimbursement?"
     page_vector = [float(x) for x in stored["embedding"].strip("[]").split(",")]
     nudged = [x + (0.01 if i % 2 else -0.01) for i, x in enumerate(page_vector)]
     norm = math.sqrt(sum(x * x for x in nudged))

@@ -1,22 +1,18 @@
 """POST /api/billing/checkout and POST /api/billing/portal: a Stripe-hosted page's URL for owners and
-admins. No card data is accepted: a body carrying any is refused before it is parsed."""
+admins. No card data is accepted: like every endpoint, a body carrying any is refused before it is
+parsed."""
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from mangum import Mangum
 
-from shared.billing.cards import refuse_card_data
 from shared.billing.checkout import open_portal, start_checkout
 from shared.billing.schemas import CheckoutRequest, PortalRequest, RedirectOut
 from shared.logs import ORG_ID, REQUEST_ID
 from shared.web.app import create_app
 from shared.web.deps import CurrentClaims, Db
 
-
-async def no_card_data(request: Request) -> None:
-    refuse_card_data(await request.body())
-
-
-router = APIRouter(dependencies=[Depends(no_card_data)])
+# Every function's app refuses bodies carrying card data (shared.web.app.create_app).
+router = APIRouter()
 
 
 @router.post("/api/billing/checkout")

@@ -2,20 +2,7 @@
 
 from __future__ import annotations
 
-from shared.errors import BadRequest, Conflict, DependencyUnavailable, Unprocessable
-
-
-class CardDataRefused(Unprocessable):
-    """A request body carried card-like data. The detail is fixed: nothing of the body is repeated."""
-
-    type_slug = "card-data-refused"
-    title = "Card data is never accepted here"
-
-    def __init__(self) -> None:
-        super().__init__(
-            "Card data is never accepted here. Payment details are entered on Stripe's own pages only; "
-            "remove them from the request."
-        )
+from shared.errors import BadRequest, Conflict, DependencyUnavailable
 
 
 class WebhookRefused(BadRequest):

@@ -12,10 +12,11 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from fastapi import APIRouter, FastAPI
+from fastapi import APIRouter, Depends, FastAPI, Request
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from shared.cards import refuse_card_data
 from shared.errors import DomainError, PayloadTooLarge
 from shared.logs import DECISION_REASON, FUNCTION, LATENCY_MS, METHOD, ORG_ID, REQUEST_ID, ROUTE, STATUS, log_event
 from shared.settings import get_settings
@@ -107,11 +108,28 @@ class RequestContextMiddleware:
             )
 
 
+async def _refuse_card_data(request: Request) -> None:
+    """Card data never touches our servers: a body carrying any is refused before it is parsed or stored."""
+    if request.method in ("POST", "PUT", "PATCH"):
+        refuse_card_data(await request.body())
+
+
 def create_app(
-    function: str, routers: Iterable[APIRouter], *, max_body_bytes: int | None = None, **fastapi_kwargs: Any
+    function: str,
+    routers: Iterable[APIRouter],
+    *,
+    max_body_bytes: int | None = None,
+    scan_for_card_data: bool = True,
+    **fastapi_kwargs: Any,
 ) -> FastAPI:
-    """The app for one function. ``max_body_bytes`` overrides the default body cap for that function."""
+    """The app for one function.
+
+    ``max_body_bytes`` overrides the default body cap. ``scan_for_card_data=False`` is only for
+    bodies whose sender is verified by signature and never carries card numbers (Stripe's events).
+    """
     settings = get_settings()
+    if scan_for_card_data:
+        fastapi_kwargs["dependencies"] = [Depends(_refuse_card_data), *fastapi_kwargs.get("dependencies", [])]
     app = FastAPI(
         title=f"HiredHands {function}",
         docs_url=None,

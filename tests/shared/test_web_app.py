@@ -9,6 +9,7 @@ import pytest
 from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
 
+from shared.cards import contains_pan
 from shared.egress import check_url
 from shared.errors import Conflict, RateLimited
 from shared.web.app import create_app
@@ -27,6 +28,11 @@ async def echo(key: str, body: Body) -> dict[str, str]:
     return {"name": body.name}
 
 
+@router.post("/t/free")
+async def free(body: dict[str, str]) -> dict[str, int]:
+    return {"fields": len(body)}
+
+
 @router.get("/t/conflict")
 async def conflict() -> None:
     raise Conflict("That name is taken.")
@@ -40,8 +46,6 @@ async def limited() -> None:
 @router.get("/t/boom")
 async def boom() -> None:
     raise RuntimeError("password=hunter2 select * from secrets where key = " + SECRET_IN_ERROR)  # noqa: S608
-
-
 
 
 @pytest.fixture
@@ -149,3 +153,30 @@ class TestPerFunctionBodyLimit:
             too_big = await client.post("/t/k/echo", json={"name": "a" * 300_000})
         assert big.status_code == 422, "a 100 kB body reaches validation under a 256 kB cap"
         assert too_big.status_code == 413
+
+
+class TestCardData:
+    CARD = "4242 4242 4242 4242"
+
+    async def test_every_function_refuses_a_body_carrying_a_card_number(
+        self, client: httpx.AsyncClient, log_lines: list[str]
+    ) -> None:
+        response = await client.post("/t/free", json={"note": f"my card is {self.CARD}"})
+        assert response.status_code == 422
+        assert response.json()["type"].endswith("/card-data-refused")
+        assert "4242" not in response.text
+        assert all("4242" not in line for line in log_lines)
+
+    async def test_a_signed_sender_can_opt_out(self) -> None:
+        signed = create_app("signed", [router], scan_for_card_data=False)
+        transport = httpx.ASGITransport(app=signed, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            response = await client.post("/t/free", json={"note": self.CARD})
+        assert response.status_code == 200
+
+    async def test_an_international_phone_number_is_not_a_card(self, client: httpx.AsyncClient) -> None:
+        # 4915100000004 passes the Luhn check; written as a phone number it is a visitor's lead.
+        response = await client.post("/t/free", json={"phone": "+4915100000004"})
+        assert response.status_code == 200
+        assert not contains_pan("Call me on +4915100000004 please")
+        assert contains_pan("Call me on 4915100000004 please"), "without the + it could be a card"

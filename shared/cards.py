@@ -20,7 +20,21 @@ import re
 from collections.abc import Iterator
 from typing import Any, Final
 
-from shared.billing.errors import CardDataRefused
+from shared.errors import Unprocessable
+
+
+class CardDataRefused(Unprocessable):
+    """A request body carried card-like data. The detail is fixed: nothing of the body is repeated."""
+
+    type_slug = "card-data-refused"
+    title = "Card data is never accepted here"
+
+    def __init__(self) -> None:
+        super().__init__(
+            "Card data is never accepted here. Payment details are entered on Stripe's own pages only; "
+            "remove them from the request."
+        )
+
 
 # Keys normalized to lowercase letters and digits.
 _CARD_KEYS: Final = frozenset(
@@ -55,7 +69,8 @@ _CARD_KEYS: Final = frozenset(
 _CARD_KEY_PREFIXES: Final = ("card", "creditcard")
 
 # Digit groups separated by at most one space or dash, not touching a letter, digit, '_' or '-'.
-_DIGIT_RUN: Final = re.compile(r"(?<![0-9A-Za-z_\-])[0-9]+(?:[ \-][0-9]+)*(?![0-9A-Za-z_\-])")
+# A run after "+" is an international phone number (E.164), never a card number.
+_DIGIT_RUN: Final = re.compile(r"(?<![0-9A-Za-z_\-+])[0-9]+(?:[ \-][0-9]+)*(?![0-9A-Za-z_\-])")
 _GROUP_SPLIT: Final = re.compile(r"[ \-]")
 PAN_MIN_DIGITS: Final = 13
 PAN_MAX_DIGITS: Final = 19

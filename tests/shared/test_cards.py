@@ -9,8 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shared.billing.cards import carries_card_data, contains_pan, is_card_key, luhn_valid, refuse_card_data
-from shared.billing.errors import CardDataRefused
+from shared.cards import CardDataRefused, carries_card_data, contains_pan, is_card_key, luhn_valid, refuse_card_data
 
 # Stripe's documented test numbers: Visa, Mastercard, Amex (15), Diners (14), a 19-digit Visa.
 PANS = ["4242424242424242", "5555555555554444", "378282246310005", "36227206271667", "4000000760000002"]

@@ -124,11 +124,17 @@ with conversation as (
   returning c.id, c.org_id
 ),
 stored as (
-  insert into public.messages (org_id, conversation_id, role, content, created_at)
-  select v.org_id, v.id, m.role, m.content, m.created_at
+  insert into public.messages (org_id, conversation_id, role, content, created_at,
+                               model, prompt_tokens, completion_tokens, latency_ms, usage_event_id)
+  select v.org_id, v.id, m.role, m.content, m.created_at,
+         m.model, m.prompt_tokens, m.completion_tokens,
+         (select u.latency_ms from public.usage_events as u where u.id = m.usage_event_id and u.org_id = v.org_id),
+         m.usage_event_id
     from conversation as v,
-         rows from (jsonb_to_recordset(%(messages)s) as (role text, content text, created_at timestamptz))
-           with ordinality as m(role, content, created_at, n)
+         rows from (jsonb_to_recordset(%(messages)s) as (role text, content text, created_at timestamptz,
+                    model text, prompt_tokens integer, completion_tokens integer, usage_event_id bigint))
+           with ordinality as m(role, content, created_at, model, prompt_tokens, completion_tokens,
+                                usage_event_id, n)
    order by m.n
   returning id
 ),
@@ -158,6 +164,11 @@ class NewMessage:
     role: MessageRole
     content: str
     created_at: datetime
+    # The model call that wrote a reply; its latency is read from that usage row.
+    model: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    usage_event_id: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,7 +233,18 @@ async def store_turn(
         "origin": origin,
         "escalate": any(item.kind == "escalation" for item in items),
         "messages": Jsonb(
-            [{"role": m.role, "content": m.content, "created_at": m.created_at.isoformat()} for m in messages]
+            [
+                {
+                    "role": m.role,
+                    "content": m.content,
+                    "created_at": m.created_at.isoformat(),
+                    "model": m.model,
+                    "prompt_tokens": m.prompt_tokens,
+                    "completion_tokens": m.completion_tokens,
+                    "usage_event_id": m.usage_event_id,
+                }
+                for m in messages
+            ]
         ),
         "items": as_records(items),
     }

@@ -36,7 +36,7 @@ from uuid import UUID
 from shared import gateway, reviews
 from shared.db.session import Database, as_service
 from shared.errors import BudgetExhausted, DomainError, ModelUnavailable, RateLimited
-from shared.gateway import WIDGET_TOOLS, ChatMessage
+from shared.gateway import WIDGET_TOOLS, ChatMessage, ChatResult
 from shared.logs import DECISION_REASON, ORG_ID, REQUEST_ID, log_event
 from shared.ratelimit import hit
 from shared.redis import get_redis
@@ -186,7 +186,7 @@ async def chat(
         # Limits first: a request with a bad token still counts, so guessing costs allowance too.
         await _enforce_rate_limits(db, context, visitor_address_key(client_address), request_id)
         conversation_id, visitor_id = _conversation(context, claims, token, request)
-        reply, status, items = await _answer(db, context, conversation_id, request.message, request_id)
+        reply, status, items, result = await _answer(db, context, conversation_id, request.message, request_id)
         async with as_service(db) as conn:
             stored = await queries.store_turn(
                 conn,
@@ -197,7 +197,15 @@ async def chat(
                 origin=decision.origin,
                 messages=[
                     queries.NewMessage("visitor", request.message, received_at),
-                    queries.NewMessage("agent" if status == "answered" else "system", reply, datetime.now(UTC)),
+                    queries.NewMessage(
+                        "agent" if status == "answered" else "system",
+                        reply,
+                        datetime.now(UTC),
+                        model=result.model if result else None,
+                        prompt_tokens=result.prompt_tokens if result else None,
+                        completion_tokens=result.completion_tokens if result else None,
+                        usage_event_id=result.usage_event_id if result else None,
+                    ),
                 ],
                 items=items,
             )
@@ -281,8 +289,9 @@ async def _enforce_rate_limits(db: Database, context: queries.ChatContext, visit
 
 async def _answer(
     db: Database, context: queries.ChatContext, conversation_id: UUID, message: str, request_id: str
-) -> tuple[str, ReplyStatus, list[reviews.NewReviewItem]]:
-    """The reply, the conversation's new status and the review items to store with it."""
+) -> tuple[str, ReplyStatus, list[reviews.NewReviewItem], ChatResult | None]:
+    """The reply, the conversation's new status, the review items to store with it, and the model
+    call that wrote the reply (None when no model answered)."""
     try:
         knowledge = await _knowledge(db, context, message, request_id)
         result = await gateway.chat(
@@ -306,7 +315,7 @@ async def _answer(
     except ModelUnavailable as failure:
         _log(request_id, context.org_id, "model failed; handed to the team", failure.type_slug)
         escalation = reviews.escalation(reason="model_unavailable", summary=message, draft_reply="")
-        return MODEL_FAILURE_REPLY, "handed_to_team", [escalation]
+        return MODEL_FAILURE_REPLY, "handed_to_team", [escalation], None
 
     items: list[reviews.NewReviewItem] = []
     for call in result.tool_calls:
@@ -319,7 +328,7 @@ async def _answer(
     reply = result.content.strip()
     if not reply:
         reply = HANDED_OVER_REPLY if escalated else LEAD_NOTED_REPLY if items else EMPTY_REPLY
-    return reply, "handed_to_team" if escalated else "answered", items
+    return reply, "handed_to_team" if escalated else "answered", items, result
 
 
 async def _knowledge(

@@ -889,6 +889,44 @@ class TestToolCalls:
         assert items == [{"kind": "escalation", "email": None}, {"kind": "lead", "email": "bo@example.org"}]
 
 
+class TestTranscripts:
+    async def test_each_reply_records_the_model_call_that_wrote_it(
+        self, db: Connection, online: FakeOpenAI, client: httpx.AsyncClient, make_widget: Callable[..., Any]
+    ) -> None:
+        widget = await make_widget()
+
+        assert (await send(client, widget, "Do you ship to Canada?")).status_code == 200
+
+        [visitor, reply] = await rows(
+            db,
+            "select role, content, model, prompt_tokens, completion_tokens, latency_ms, usage_event_id"
+            " from public.messages where org_id = %s order by id",
+            widget.org["id"],
+        )
+        [usage] = await rows(
+            db,
+            "select id, model, prompt_tokens, completion_tokens, latency_ms from public.usage_events"
+            " where org_id = %s and kind = 'chat'",
+            widget.org["id"],
+        )
+        assert (visitor["role"], visitor["content"], visitor["model"], visitor["usage_event_id"]) == (
+            "visitor",
+            "Do you ship to Canada?",
+            None,
+            None,
+        )
+        assert reply["role"] == "agent"
+        assert (
+            reply["usage_event_id"],
+            reply["model"],
+            reply["prompt_tokens"],
+            reply["completion_tokens"],
+            reply["latency_ms"],
+        ) == (usage["id"], usage["model"], usage["prompt_tokens"], usage["completion_tokens"], usage["latency_ms"])
+        assert reply["prompt_tokens"] > 0
+        assert reply["latency_ms"] is not None
+
+
 class TestKnowledge:
     async def test_the_model_is_given_the_agents_knowledge_and_history_and_never_another_agents(
         self, db: Connection, online: FakeOpenAI, client: httpx.AsyncClient, make_widget: Callable[..., Any]

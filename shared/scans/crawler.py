@@ -32,137 +32,14 @@ import httpx
 
 from shared.egress import EgressDenied, EgressReason, check_url, guarded_client
 from shared.scans.schemas import Failure, ScanEnvironment, Skip
+from shared.scans.urls import has_binary_extension, normalise, origin_of, site_of
 
-_DEFAULT_PORTS: Final = {"http": 80, "https": 443}
-_TRACKING_PARAMS: Final = frozenset({"gclid", "fbclid", "msclkid", "dclid", "yclid", "mc_cid", "mc_eid", "_ga", "_gl"})
-# Never worth a request: the Content-Type check would refuse them after the headers anyway.
-BINARY_EXTENSIONS: Final = frozenset(
-    {
-        ".pdf",
-        ".zip",
-        ".gz",
-        ".tgz",
-        ".bz2",
-        ".xz",
-        ".7z",
-        ".rar",
-        ".tar",
-        ".exe",
-        ".dmg",
-        ".msi",
-        ".pkg",
-        ".deb",
-        ".rpm",
-        ".apk",
-        ".iso",
-        ".bin",
-        ".img",
-        ".png",
-        ".jpg",
-        ".jpeg",
-        ".gif",
-        ".webp",
-        ".avif",
-        ".bmp",
-        ".tif",
-        ".tiff",
-        ".ico",
-        ".svg",
-        ".heic",
-        ".psd",
-        ".mp3",
-        ".wav",
-        ".ogg",
-        ".flac",
-        ".m4a",
-        ".aac",
-        ".mp4",
-        ".m4v",
-        ".mov",
-        ".avi",
-        ".mkv",
-        ".webm",
-        ".wmv",
-        ".doc",
-        ".docx",
-        ".xls",
-        ".xlsx",
-        ".ppt",
-        ".pptx",
-        ".odt",
-        ".ods",
-        ".odp",
-        ".rtf",
-        ".epub",
-        ".css",
-        ".js",
-        ".mjs",
-        ".map",
-        ".json",
-        ".xml",
-        ".rss",
-        ".atom",
-        ".csv",
-        ".woff",
-        ".woff2",
-        ".ttf",
-        ".otf",
-        ".eot",
-    }
-)
+__all__ = ["Crawler", "Failed", "Outcome", "Page", "Skipped", "has_binary_extension", "normalise", "site_of"]
+
 _HTML_TYPES: Final = frozenset({"text/html", "application/xhtml+xml"})
 _TEXT_TYPES: Final = frozenset({"text/plain"})
 _ACCEPT: Final = "text/html,application/xhtml+xml;q=0.9,text/plain;q=0.8,*/*;q=0.1"
 _LOOKS_LIKE_HTML: Final = re.compile(rb"^\s*(?:<!doctype\s+html|<html|<head|<body)", re.IGNORECASE)
-
-
-# ---------------------------------------------------------------------------------------------
-# URLs
-# ---------------------------------------------------------------------------------------------
-
-
-def normalise(href: str, base: httpx.URL | str | None = None) -> str | None:
-    """The one spelling of a URL we store and compare: absolute, http(s), no fragment, no userinfo,
-    lower-case host, no default port, ``/`` for an empty path, tracking parameters dropped and the
-    remaining query parameters sorted. ``None`` for anything that is not a web page address."""
-    href = href.strip()
-    if not href or href.startswith("#"):
-        return None
-    try:
-        url = httpx.URL(base).join(href) if base is not None else httpx.URL(href)
-    except (httpx.InvalidURL, TypeError, ValueError):
-        return None
-    if url.scheme not in _DEFAULT_PORTS or not url.host or url.userinfo:
-        return None
-    try:
-        if url.port == _DEFAULT_PORTS[url.scheme]:
-            url = url.copy_with(port=None)
-        params: list[tuple[str, str | int | float | bool | None]] = sorted(
-            (key, value)
-            for key, value in url.params.multi_items()
-            if key.lower() not in _TRACKING_PARAMS and not key.lower().startswith("utm_")
-        )
-        url = url.copy_with(fragment=None, query=str(httpx.QueryParams(params)).encode("ascii") or None)
-        url = url.copy_with(path=url.path or "/")  # "https://a.example" and "https://a.example/" are one page
-    except (httpx.InvalidURL, ValueError, UnicodeError):
-        return None
-    text = str(url)
-    return text if len(text) <= 2048 else None
-
-
-def site_of(url: str) -> tuple[str, int | None]:
-    """(host with ``www.`` folded, explicit port): two URLs with the same key are one site."""
-    parsed = httpx.URL(url)
-    host = parsed.host.lower().removesuffix(".")
-    host = host.removeprefix("www.")
-    port = parsed.port if parsed.port != _DEFAULT_PORTS.get(parsed.scheme) else None
-    return host, port
-
-
-def has_binary_extension(url: str) -> bool:
-    path = httpx.URL(url).path.lower()
-    last = path.rsplit("/", 1)[-1]
-    return "." in last and "." + last.rsplit(".", 1)[-1] in BINARY_EXTENSIONS
 
 
 def _egress_skip(reason: EgressReason) -> str:
@@ -285,8 +162,7 @@ class Crawler:
 
     async def robots_allow(self, url: str) -> str | None:
         """``None`` when ``url`` may be fetched, else the skip reason."""
-        parsed = httpx.URL(url)
-        origin = f"{parsed.scheme}://{parsed.netloc.decode('ascii')}"
+        origin = origin_of(url)
         rules = self._robots.get(origin)
         if rules is None:
             rules = await self._load_robots(origin)

@@ -57,6 +57,7 @@ class ScanState:
     reasons: Counter[str]
     page_hashes: set[bytes] = field(default_factory=set)
     seen: set[str] = field(default_factory=set)
+    in_flight: tuple[str, int] | None = None  # taken from the frontier, not yet done: saved as to do
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> ScanState:
@@ -97,7 +98,9 @@ class ScanState:
 
     def progress(self) -> dict[str, Any]:
         return {
-            "frontier": Jsonb([[url, depth] for url, depth in self.frontier]),
+            "frontier": Jsonb(
+                [[url, depth] for url, depth in ([self.in_flight] if self.in_flight else []) + list(self.frontier)]
+            ),
             "visited": Jsonb(self.visited),
             "pages_found": self.pages_found,
             "pages_fetched": self.pages_fetched,

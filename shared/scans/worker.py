@@ -35,7 +35,7 @@ from shared.gateway import embed
 from shared.logs import DECISION_REASON, ORG_ID, REQUEST_ID, log_event
 from shared.scans import store
 from shared.scans.chunking import chunk_text
-from shared.scans.crawler import Crawler, Failed, Page, Skipped, has_binary_extension, normalise
+from shared.scans.crawler import Crawler, Failed, Outcome, Page, Skipped, has_binary_extension, normalise
 from shared.scans.extract import Extracted, extract_html, extract_plain
 from shared.scans.schemas import PRODUCTION, USER_AGENT_TOKEN, ScanEnvironment, Skip, StatusReason
 from shared.scans.service import claim_scan, worker_identity
@@ -162,6 +162,7 @@ class _ScanRun:
         self.batch = _Batch()
         self.title: str | None = None
         self.budget_exhausted = False
+        self.next: tuple[tuple[str, int], asyncio.Task[tuple[Outcome, bool]]] | None = None
 
     async def run(self) -> None:
         state = self.state
@@ -170,7 +171,18 @@ class _ScanRun:
             return
         await store.load_page_hashes(self.db, state)
         async with Crawler(self.env, start_url=state.start_url, agent_token=USER_AGENT_TOKEN) as crawler:
-            while True:
+            try:
+                await self._crawl(crawler)
+            finally:
+                if self.next is not None:  # an error while a fetch was in flight
+                    self.next[1].cancel()
+
+    async def _crawl(self, crawler: Crawler) -> None:
+        """Fetch page N+1 while page N is extracted (in a thread): one request in flight at a time,
+        so the politeness rules hold; the page in flight is saved as still to do at every flush."""
+        state = self.state
+        while True:
+            if self.next is None:
                 if not state.frontier:
                     await self._flush()
                     if not self.budget_exhausted:
@@ -190,23 +202,41 @@ class _ScanRun:
                         self.report.released += 1
                         _log(state, self.request_id, "scan paused: time budget spent", "time-budget")
                     return
-                url, depth = state.frontier.popleft()
-                await self._visit(crawler, url, depth)
-                self.batch.visits += 1
-                if self.batch.visits >= self.env.flush_pages or self.batch.chunks >= self.env.flush_chunks:
-                    await self._flush()
-                    if self.budget_exhausted:
-                        return
+                self._start_fetch(crawler)
+            assert self.next is not None  # noqa: S101 - set just above
+            (_url, depth), task = self.next
+            outcome, requested = await task
+            self.next = None
+            state.in_flight = None
+            if requested:
+                state.pages_visited += 1
+                self.report.pages += 1
+            if state.frontier and state.pages_visited < state.page_limit and time.monotonic() < self.deadline:
+                self._start_fetch(crawler)
+            await self._handle(crawler, outcome, depth)
+            self.batch.visits += 1
+            if self.batch.visits >= self.env.flush_pages or self.batch.chunks >= self.env.flush_chunks:
+                await self._flush()
+                if self.budget_exhausted:
+                    if self.next is not None:
+                        self.next[1].cancel()
+                        self.next = None
+                    return
 
     # -- one page ---------------------------------------------------------------------------------
 
-    async def _visit(self, crawler: Crawler, url: str, depth: int) -> None:
+    def _start_fetch(self, crawler: Crawler) -> None:
+        url, depth = self.state.frontier.popleft()
+        self.state.in_flight = (url, depth)
+        self.next = ((url, depth), asyncio.create_task(self._fetch(crawler, url)))
+
+    async def _fetch(self, crawler: Crawler, url: str) -> tuple[Outcome, bool]:
+        before = crawler.page_requests  # fetches never overlap: the difference is this page's
+        outcome = await crawler.fetch(url, seen=self.state.seen)
+        return outcome, crawler.page_requests > before
+
+    async def _handle(self, crawler: Crawler, outcome: Outcome, depth: int) -> None:
         state = self.state
-        before = crawler.page_requests
-        outcome = await crawler.fetch(url, seen=state.seen)
-        if crawler.page_requests > before:
-            state.pages_visited += 1
-            self.report.pages += 1
         if not isinstance(outcome, Failed):
             for hop in outcome.hops:
                 state.see(hop)

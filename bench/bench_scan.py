@@ -180,6 +180,10 @@ def main() -> None:
     finally:
         site.terminate()
         site.join()
+        import psycopg
+
+        with psycopg.connect(server.url(), autocommit=True) as conn:
+            conn.execute(f'drop database if exists "{name}" with (force)')
 
     print(f"site: {args.pages} linked HTML pages on loopback (own process); {args.rounds} rounds, fresh process each")
     for kind, label in (("plain", "plain httpx loop + extractor"), ("scan", "scan (run_scans, offline)")):

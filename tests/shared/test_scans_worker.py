@@ -404,3 +404,31 @@ class TestKilledWorker:
         assert await chunk_paths(db, site, scan.id) == STORED_PATHS
         await db.execute("delete from public.organizations where id = %s", (org["id"],))
         await db.commit()
+
+
+@pytest.mark.usefixtures("committed_db")
+class TestSharedQueue:
+    async def test_concurrent_invocations_split_the_queue_and_never_work_one_scan_twice(
+        self, db: Connection, site: FakeSite, env: ScanEnvironment
+    ) -> None:
+        await db.execute("reset role")
+        orgs, scans = [], []
+        for _ in range(3):
+            org = await create_org(db)
+            agent = await create_agent(db, org)
+            orgs.append(org)
+            await db.commit()
+            body = ScanCreate(agent_id=agent["id"], start_url=site.url("/"), max_depth=3)
+            scans.append(await create_scan(get_database(), user_claims(org["owner"]), body, env=env, request_id=None))
+        parallel = replace(env, concurrency=2)
+        reports = await asyncio.gather(*(run_scans(get_database(), env=parallel) for _ in range(2)))
+        assert sum(r.claimed for r in reports) == 3, "each scan claimed once, by one of the invocations"
+        assert sum(r.completed for r in reports) == 3
+        for scan in scans:
+            row = await scan_row(db, scan.id)
+            assert (row["status"], row["crash_count"]) == ("completed", 0)
+            assert await chunk_paths(db, site, scan.id) == STORED_PATHS
+        assert set(site.page_hits().values()) == {3}, "every page once per scan, never more"
+        for org in orgs:
+            await db.execute("delete from public.organizations where id = %s", (org["id"],))
+        await db.commit()

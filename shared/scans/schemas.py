@@ -117,9 +117,12 @@ class ScanEnvironment:
     # Renewed at every flush; must exceed the longest gap between flushes (a page, an embedding call).
     lease_seconds: float = 90.0
     concurrency: int = 3  # scans worked on at once by one invocation (different sites)
-    # Pages are stored, with their embeddings, in batches: after this many pages or chunks.
-    flush_pages: int = 8
-    flush_chunks: int = 96
+    # Pages are stored, with their embeddings, in batches: after this many seconds of work, pages
+    # visited or chunks, whichever comes first. A killed worker loses at most one batch, which the
+    # next one fetches again; with the default politeness the time bound is the one that counts.
+    flush_seconds: float = 5.0
+    flush_pages: int = 32
+    flush_chunks: int = 256
     max_crashes: int = 3
     robots_max_bytes: int = 512 * 1024  # RFC 9309: parse at least 500 KiB
     worker_id: str | None = None  # lease owner prefix; default host and process id

@@ -2,11 +2,12 @@
 
 Serverless functions are killed at their limit, so nothing lives only in memory for long:
 
-* **Flushes.** Pages are processed in small batches (``flush_pages`` pages visited or
-  ``flush_chunks`` chunks): the batch's chunks are embedded in one gateway call (budgeted and metered), then the
-  chunks, the frontier, the visited set and the counters are saved in one transaction that also
-  renews the lease. A worker killed between flushes loses only the unsaved batch; the next worker
-  resumes from the last flush and fetches those few pages again.
+* **Flushes.** Pages are processed in small batches (``flush_seconds`` of work, ``flush_pages``
+  pages visited or ``flush_chunks`` chunks, whichever comes first): the batch's chunks are
+  embedded in one gateway call (budgeted and metered), then the chunks, the frontier, the visited
+  set and the counters are saved in one transaction that also renews the lease. A worker killed
+  between flushes loses only the unsaved batch; the next worker resumes from the last flush and
+  fetches those few pages again.
 * **Time budget.** No page is started after ``time_budget_seconds``; the worker flushes and
   releases the scan (``lease_owner`` null), and the next invocation resumes it at once.
 * **Leases.** A scan whose lease expired while owned was left by a dead worker; the next claim
@@ -82,6 +83,7 @@ class _Batch:
     pages: list[_Pending] = field(default_factory=list)  # to store
     chunks: int = 0
     visits: int = 0  # pages taken from the frontier since the last flush, stored or not
+    started: float = field(default_factory=time.monotonic)
 
 
 def page_hash(text: str) -> bytes:
@@ -215,7 +217,11 @@ class _ScanRun:
                 self._start_fetch(crawler)
             await self._handle(crawler, outcome, depth)
             self.batch.visits += 1
-            if self.batch.visits >= self.env.flush_pages or self.batch.chunks >= self.env.flush_chunks:
+            if (
+                self.batch.visits >= self.env.flush_pages
+                or self.batch.chunks >= self.env.flush_chunks
+                or time.monotonic() - self.batch.started >= self.env.flush_seconds
+            ):
                 await self._flush()
                 if self.budget_exhausted:
                     if self.next is not None:

@@ -5,6 +5,8 @@ customer's site on loopback (tests/fakes/site.py), reached through the egress gu
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -19,7 +21,7 @@ from shared.db.session import get_database
 from shared.egress import CUSTOMER_MESSAGES, EgressReason
 from shared.scans import ScanEnvironment, get_scan_environment
 from shared.settings import get_settings
-from tests.conftest import Connection, TransactionDatabase
+from tests.conftest import ROOT, Connection, TransactionDatabase
 from tests.factories import access_token, add_member, create_agent, create_org
 from tests.fakes.site import STORED_PATHS, FakeSite, running_acme_site
 
@@ -230,3 +232,12 @@ class TestCron:
         scan = (await client.get(f"/api/scans/{created.json()['id']}", headers=auth(org["member"]))).json()
         assert (scan["status"], scan["status_reason"]) == ("completed", "site_exhausted")
         assert scan["pages_fetched"] == len(STORED_PATHS)
+
+
+def test_the_api_function_does_not_load_the_extractor_at_cold_start() -> None:
+    # trafilatura and lxml are imported by the worker when it extracts a page, never by the POST path.
+    probe = "import sys, functions.scan; print(sorted(m for m in ('trafilatura', 'lxml') if m in sys.modules))"
+    result = subprocess.run(  # noqa: S603 - our own interpreter
+        [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "[]"

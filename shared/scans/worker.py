@@ -43,6 +43,8 @@ from shared.scans.service import claim_scan, worker_identity
 from shared.scans.store import LeaseLost, ScanState, StagedChunk
 
 EMBED_SLICE: Final = 512  # texts per embedding call (the API takes up to 2,048)
+FRONTIER_FACTOR: Final = 4
+FRONTIER_SLACK: Final = 100
 _WHITESPACE: Final = str.maketrans(dict.fromkeys("\t\r\n\x0c\x0b", " "))
 
 
@@ -84,6 +86,12 @@ class _Batch:
     chunks: int = 0
     visits: int = 0  # pages taken from the frontier since the last flush, stored or not
     started: float = field(default_factory=time.monotonic)
+
+
+def _frontier_cap(state: ScanState) -> int:
+    """Room in the frontier: generous (some entries end without a request), but bounded, so a
+    page with thousands of links cannot grow the saved state past what the page limit can use."""
+    return FRONTIER_FACTOR * max(0, state.page_limit - state.pages_visited) + FRONTIER_SLACK
 
 
 def page_hash(text: str) -> bytes:
@@ -299,6 +307,8 @@ class _ScanRun:
                 state.skip(Skip.DEPTH_LIMIT)
             elif has_binary_extension(url):
                 state.skip(Skip.NOT_HTML)
+            elif len(state.frontier) >= _frontier_cap(state):
+                state.skip(Skip.PAGE_LIMIT)  # more than the page limit could ever reach
             else:
                 state.frontier.append((url, depth + 1))
 

@@ -15,6 +15,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 Environment = Literal["local", "test", "preview", "production"]
 
 # Values that must never reach production (copied from examples or left over from local runs).
+MIN_SIGNING_SECRET_LENGTH = 32
 _PLACEHOLDERS = frozenset({"", "changeme", "change-me", "secret", "local", "test", "xxx"})
 
 
@@ -78,6 +79,13 @@ class Settings(BaseSettings):
         missing = sorted(
             name for name, value in required.items() if value.get_secret_value().strip().lower() in _PLACEHOLDERS
         )
+        # Signing keys we generate ourselves must be long enough not to be guessed offline.
+        weak = [
+            name
+            for name, value in (("WIDGET_TOKEN_SECRET", self.widget_token_secret), ("CRON_SECRET", self.cron_secret))
+            if name not in missing and len(value.get_secret_value()) < MIN_SIGNING_SECRET_LENGTH
+        ]
+        missing += [f"{name} (at least {MIN_SIGNING_SECRET_LENGTH} characters)" for name in weak]
         if not (self.supabase_jwks_url or self.supabase_jwt_secret.get_secret_value()):
             missing.append("SUPABASE_JWKS_URL or SUPABASE_JWT_SECRET")
         if not self.upstash_redis_rest_url:

@@ -14,8 +14,9 @@ module, so it cannot reach a visitor.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import weakref
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -94,6 +95,24 @@ async def close_clients() -> None:
         await client.close()
 
 
+@contextlib.asynccontextmanager
+async def _provider_call(config: ProviderConfig) -> AsyncIterator[None]:
+    """The call's deadline, and the SDK's failures as our outcomes: the provider's text stays here."""
+    import openai
+
+    try:
+        async with asyncio.timeout(config.timeout_seconds):
+            yield
+    except (TimeoutError, openai.APITimeoutError):
+        raise ProviderFailure("timeout", "model-timeout") from None
+    except openai.APIStatusError as exc:
+        raise ProviderFailure("error", f"model-status-{exc.status_code}") from None
+    except openai.APIConnectionError:
+        raise ProviderFailure("error", "model-connection") from None
+    except openai.OpenAIError:
+        raise ProviderFailure("error", "model-error") from None
+
+
 async def complete(
     config: ProviderConfig,
     *,
@@ -104,7 +123,6 @@ async def complete(
     temperature: float,
     request_id: str,
 ) -> Completion:
-    import openai
     from openai.types.chat import ChatCompletion
 
     # The request body is built in its wire format and sent with the SDK's raw `post`: the typed
@@ -120,22 +138,13 @@ async def complete(
     if tools:
         body["tools"] = tools
     client = _client(config)
-    try:
-        async with asyncio.timeout(config.timeout_seconds):
-            response = await client.post(
-                "/chat/completions",
-                cast_to=ChatCompletion,
-                body=body,
-                options={"headers": {"X-Client-Request-Id": request_id}},
-            )
-    except (TimeoutError, openai.APITimeoutError):
-        raise ProviderFailure("timeout", "model-timeout") from None
-    except openai.APIStatusError as exc:
-        raise ProviderFailure("error", f"model-status-{exc.status_code}") from None
-    except openai.APIConnectionError:
-        raise ProviderFailure("error", "model-connection") from None
-    except openai.OpenAIError:
-        raise ProviderFailure("error", "model-error") from None
+    async with _provider_call(config):
+        response = await client.post(
+            "/chat/completions",
+            cast_to=ChatCompletion,
+            body=body,
+            options={"headers": {"X-Client-Request-Id": request_id}},
+        )
 
     try:
         message = response.choices[0].message
@@ -161,20 +170,10 @@ async def complete(
 
 
 async def embed(config: ProviderConfig, *, model: str, texts: list[str], dimensions: int) -> Embeddings:
-    import openai
 
     client = _client(config)
-    try:
-        async with asyncio.timeout(config.timeout_seconds):
-            response = await client.embeddings.create(model=model, input=texts)
-    except (TimeoutError, openai.APITimeoutError):
-        raise ProviderFailure("timeout", "model-timeout") from None
-    except openai.APIStatusError as exc:
-        raise ProviderFailure("error", f"model-status-{exc.status_code}") from None
-    except openai.APIConnectionError:
-        raise ProviderFailure("error", "model-connection") from None
-    except openai.OpenAIError:
-        raise ProviderFailure("error", "model-error") from None
+    async with _provider_call(config):
+        response = await client.embeddings.create(model=model, input=texts)
 
     try:
         ordered = sorted(response.data, key=lambda item: item.index)

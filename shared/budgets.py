@@ -16,8 +16,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from uuid import UUID
 
-from psycopg.rows import class_row
-
 from shared.db.errors import map_db_errors
 from shared.db.session import Connection
 
@@ -45,6 +43,8 @@ _RESERVE = "select private.reserve_budget(%(org_id)s, %(amount)s) as id"
 
 async def load_limits(conn: Connection, org_id: UUID) -> OrgLimits | None:
     """The organization's limits; ``None`` for an unknown organization."""
+    from psycopg.rows import class_row  # the driver loads with the first query, not at start
+
     async with conn.cursor(row_factory=class_row(OrgLimits)) as cur:
         await cur.execute(_LIMITS, {"org_id": org_id})
         return await cur.fetchone()

@@ -22,9 +22,10 @@ import math
 import re
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from upstash_ratelimit.asyncio import SlidingWindow
-from upstash_redis.asyncio import Redis
+if TYPE_CHECKING:
+    from upstash_redis.asyncio import Redis
 
 KEY_PREFIX = "hh:rl"
 MAX_IDENTIFIER_LENGTH = 256
@@ -72,6 +73,8 @@ async def hit(redis: Redis, *, bucket: str, identifier: str, limit: int, window_
     _check_rule(bucket, limit, window_seconds)
     if not identifier or len(identifier) > MAX_IDENTIFIER_LENGTH:
         raise ValueError(f"a rate-limit identifier is 1-{MAX_IDENTIFIER_LENGTH} characters")
+    from upstash_ratelimit.asyncio import SlidingWindow  # loaded by the first limited request
+
     limiter = SlidingWindow(max_requests=limit, window=window_seconds, unit="s")
     # The same key as upstash_ratelimit.asyncio.Ratelimit(prefix=...).limit(identifier). The limiter is
     # called directly because constructing a Ratelimit on every hit appends to the client's telemetry

@@ -19,8 +19,6 @@ from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
-from psycopg.rows import class_row
-
 from shared.db.session import Connection
 
 RRF_K = 60
@@ -70,6 +68,8 @@ async def search_knowledge(
         "candidates": max(_CANDIDATES_PER_LIST, limit),
         "limit": limit,
     }
+    from psycopg.rows import class_row  # the driver loads with the first query, not at start
+
     async with conn.cursor(row_factory=class_row(RetrievedChunk)) as cur:
         await cur.execute(_SEARCH, params)
         return await cur.fetchall()

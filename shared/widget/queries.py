@@ -12,12 +12,16 @@ from datetime import datetime
 from typing import Any, Literal
 from uuid import UUID
 
-from psycopg.rows import class_row
-from psycopg.types.json import Jsonb
-
 from shared.db.errors import map_db_errors
 from shared.db.session import Connection
 from shared.reviews import NewReviewItem, as_records
+
+
+def _jsonb(value: object) -> object:
+    from psycopg.types.json import Jsonb  # the driver loads with the first query, not at start
+
+    return Jsonb(value)
+
 
 MessageRole = Literal["visitor", "agent", "system"]
 
@@ -179,6 +183,8 @@ class StoredTurn:
 
 async def widget_config(conn: Connection, *, key_hash: bytes) -> ConfigRow | None:
     with map_db_errors():
+        from psycopg.rows import class_row  # the driver loads with the first query, not at start
+
         async with conn.cursor(row_factory=class_row(ConfigRow)) as cur:
             await cur.execute(_CONFIG, {"key_hash": key_hash})
             return await cur.fetchone()
@@ -232,7 +238,7 @@ async def store_turn(
         "visitor_id": visitor_id,
         "origin": origin,
         "escalate": any(item.kind == "escalation" for item in items),
-        "messages": Jsonb(
+        "messages": _jsonb(
             [
                 {
                     "role": m.role,

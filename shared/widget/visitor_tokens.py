@@ -23,8 +23,6 @@ from dataclasses import dataclass
 from datetime import timedelta
 from uuid import UUID
 
-import jwt
-
 from shared.settings import get_settings
 
 TOKEN_PREFIX = "hh_vt_"  # noqa: S105 - a prefix, not a secret
@@ -72,6 +70,8 @@ def issue(*, conversation_id: UUID, agent_id: UUID, visitor_id: str, now: float 
         "iat": issued_at,
         "exp": expires_at,
     }
+    import jwt  # loaded by the first chat, not by config or preflight requests
+
     return TOKEN_PREFIX + jwt.encode(claims, signing_key(), algorithm=ALGORITHM), expires_at
 
 
@@ -82,6 +82,8 @@ def verify(token: str) -> VisitorClaims | None:
     """
     if not token.startswith(TOKEN_PREFIX) or len(token) > MAX_TOKEN_CHARS:
         return None
+    import jwt
+
     try:
         claims = jwt.decode(
             token.removeprefix(TOKEN_PREFIX),

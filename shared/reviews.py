@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from uuid import UUID
 
 from shared.db.errors import map_db_errors
-from shared.db.session import Connection
+from shared.db.session import Connection, jsonb
 from shared.gateway import CAPTURE_LEAD, ESCALATE, ESCALATION_REASONS, ToolCall
 
 if TYPE_CHECKING:
@@ -139,10 +139,8 @@ def from_tool_call(call: ToolCall) -> NewReviewItem | None:
 
 
 def as_records(items: Sequence[NewReviewItem]) -> Jsonb:
-    from psycopg.types.json import Jsonb  # the driver loads with the first query, not at start
-
     """The items as one JSON array, for statements that insert them with ``jsonb_to_recordset``."""
-    return Jsonb([asdict(item) for item in items])
+    return jsonb([asdict(item) for item in items])
 
 
 _INSERT = """

@@ -8,10 +8,8 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any, Final
 
-from psycopg.types.json import Jsonb
-
 from shared.billing.plans import Plan
-from shared.db.session import Connection
+from shared.db.session import Connection, jsonb
 
 ACTOR_WEBHOOK: Final = "stripe-webhook"
 
@@ -194,7 +192,7 @@ async def write_audit(
             "action": action,
             "target_type": target_type,
             "target_id": target_id,
-            "details": Jsonb(dict(details)),
+            "details": jsonb(dict(details)),
             "request_id": request_id,
         },
     )
@@ -222,7 +220,7 @@ async def record_event(
                 "type": event_type,
                 "org_id": org_id,
                 "event_created": event_created,
-                "payload": Jsonb(dict(payload)),
+                "payload": jsonb(dict(payload)),
             },
         )
     ).fetchone()

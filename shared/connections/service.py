@@ -23,7 +23,6 @@ from collections.abc import Mapping
 from typing import Any, Final
 
 import httpx
-from psycopg.types.json import Jsonb
 
 from shared.auth import Claims
 from shared.connections import providers
@@ -40,7 +39,7 @@ from shared.connections.schemas import (
     SlackWebhookCreate,
 )
 from shared.crypto import CredentialUnreadable, Sealed, get_keyring
-from shared.db.session import Connection, Database, as_service, as_user
+from shared.db.session import Connection, Database, as_service, as_user, jsonb
 from shared.errors import DependencyUnavailable, Forbidden, NotFound
 from shared.logs import DECISION_REASON, ORG_ID, REQUEST_ID, log_event, register_secret
 
@@ -183,7 +182,7 @@ async def write_audit(
             "action": action,
             "target_type": "connection" if connection_id else "connection_credentials",
             "target_id": str(connection_id) if connection_id else None,
-            "details": Jsonb(dict(details)),
+            "details": jsonb(dict(details)),
             "request_id": request_id,
         },
     )
@@ -249,7 +248,7 @@ async def create_connection(
                     "org_id": body.org_id,
                     "kind": kind,
                     "name": body.name,
-                    "target": Jsonb(verified.target),
+                    "target": jsonb(verified.target),
                     "secret_hint": providers.secret_hint(credential, kind),
                     "deliver_kinds": list(dict.fromkeys(body.deliver_kinds)),
                     "created_by": _user_id(claims),
@@ -318,7 +317,7 @@ async def verify_connection(
         return _out(row)
     async with as_service(db) as conn:
         row = await (
-            await conn.execute(_MARK_ACTIVE, {"id": connection_id, "target": Jsonb(verified.target)})
+            await conn.execute(_MARK_ACTIVE, {"id": connection_id, "target": jsonb(verified.target)})
         ).fetchone()
         await _audit_verify(conn, current, claims, request_id, {"result": "active"})
     return _out(row)

@@ -18,6 +18,7 @@ from shared.db.pool import get_pool
 if TYPE_CHECKING:
     from psycopg import AsyncConnection
     from psycopg.rows import DictRow
+    from psycopg.types.json import Jsonb
 
     Connection = AsyncConnection[DictRow]
 else:
@@ -33,6 +34,13 @@ select set_config('search_path', %(search_path)s, true),
        set_config('role', %(role)s, true),
        set_config('request.jwt.claims', %(claims)s, true)
 """
+
+
+def jsonb(value: Any) -> Jsonb:
+    """A parameter sent as ``jsonb``. The driver's adapter is imported here, on first use."""
+    from psycopg.types.json import Jsonb
+
+    return Jsonb(value)
 
 
 class Database(Protocol):

@@ -20,10 +20,8 @@ import socket
 import uuid
 from typing import Any, Final
 
-from psycopg.types.json import Jsonb
-
 from shared.auth import Claims
-from shared.db.session import Database, as_service, as_user
+from shared.db.session import Database, as_service, as_user, jsonb
 from shared.egress import check_url
 from shared.errors import Conflict, Forbidden, NotFound, Unprocessable
 from shared.logs import DECISION_REASON, ORG_ID, REQUEST_ID, log_event
@@ -137,8 +135,8 @@ async def create_scan(
                     "source_id": source["id"],
                     "page_limit": page_limit,
                     "max_depth": body.max_depth,
-                    "frontier": Jsonb([[start_url, 0]]),
-                    "visited": Jsonb([start_url]),
+                    "frontier": jsonb([[start_url, 0]]),
+                    "visited": jsonb([start_url]),
                     "created_by": uuid.UUID(str(claims["sub"])),
                 },
             )

@@ -11,9 +11,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from psycopg.types.json import Jsonb
-
-from shared.db.session import Connection, Database, as_service
+from shared.db.session import Connection, Database, as_service, jsonb
 from shared.retrieval import vector_literal
 
 
@@ -98,16 +96,16 @@ class ScanState:
 
     def progress(self) -> dict[str, Any]:
         return {
-            "frontier": Jsonb(
+            "frontier": jsonb(
                 [[url, depth] for url, depth in ([self.in_flight] if self.in_flight else []) + list(self.frontier)]
             ),
-            "visited": Jsonb(self.visited),
+            "visited": jsonb(self.visited),
             "pages_found": self.pages_found,
             "pages_fetched": self.pages_fetched,
             "pages_skipped": self.pages_skipped,
             "pages_failed": self.pages_failed,
             "pages_visited": self.pages_visited,
-            "skip_reasons": Jsonb(dict(sorted(self.reasons.items()))),
+            "skip_reasons": jsonb(dict(sorted(self.reasons.items()))),
         }
 
 

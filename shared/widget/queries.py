@@ -13,15 +13,8 @@ from typing import Any, Literal
 from uuid import UUID
 
 from shared.db.errors import map_db_errors
-from shared.db.session import Connection
+from shared.db.session import Connection, jsonb
 from shared.reviews import NewReviewItem, as_records
-
-
-def _jsonb(value: object) -> object:
-    from psycopg.types.json import Jsonb  # the driver loads with the first query, not at start
-
-    return Jsonb(value)
-
 
 MessageRole = Literal["visitor", "agent", "system"]
 
@@ -238,7 +231,7 @@ async def store_turn(
         "visitor_id": visitor_id,
         "origin": origin,
         "escalate": any(item.kind == "escalation" for item in items),
-        "messages": _jsonb(
+        "messages": jsonb(
             [
                 {
                     "role": m.role,

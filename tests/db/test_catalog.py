@@ -155,3 +155,19 @@ async def test_the_catalog_sees_every_tenant_table(db: Connection):
     tables = await exposed_tables(db)
     assert {"public.agents", "public.usage_events"} <= set(tables)
     assert not any(t.startswith("secrets.") for t in tables)
+
+
+async def test_signed_in_users_hold_no_privilege_on_tables_outside_the_exposed_schemas(db: Connection):
+    # `private` is usable by authenticated for the membership helpers only; its tables stay server-side.
+    await db.execute("reset role")
+    rows = await (
+        await db.execute(
+            """
+            select format('%%I.%%I', n.nspname, c.relname) as name from pg_class c
+            join pg_namespace n on n.oid = c.relnamespace
+            where n.nspname in ('private', 'secrets') and c.relkind in ('r', 'p', 'v', 'm', 'S')
+              and has_table_privilege('authenticated', c.oid, 'select,insert,update,delete,truncate,references,trigger')
+            """
+        )
+    ).fetchall()
+    assert not rows, f"authenticated can use: {[r['name'] for r in rows]}"

@@ -18,6 +18,7 @@ This module decides; it raises no HTTP error. The caller turns a denial into
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import time
@@ -95,3 +96,27 @@ async def check(redis: Redis, rule: RateLimitRule, identifier: str) -> RateLimit
     return await hit(
         redis, bucket=rule.bucket, identifier=identifier, limit=rule.limit, window_seconds=rule.window_seconds
     )
+
+
+async def enforce(rule: RateLimitRule, identifier: str, *, detail: str) -> None:
+    """Raise ``RateLimited`` when ``identifier`` is over ``rule``; let the request through if Redis is down.
+
+    For limits that guard our own capacity (outbound requests a dashboard user can trigger), where
+    refusing everyone while Redis is unreachable would be worse than a short unmetered window.
+    """
+    from shared.errors import RateLimited
+    from shared.logs import DECISION_REASON, log_event
+    from shared.redis import get_redis
+
+    try:
+        decision = await check(get_redis(), rule, identifier)
+    except Exception as exc:  # the limiter's store failed; the request itself is still authorised
+        log_event(
+            "rate limit not checked: Redis is unreachable",
+            logging.WARNING,
+            **{DECISION_REASON: f"{rule.bucket}-unchecked"},
+            error_type=type(exc).__name__,
+        )
+        return
+    if not decision.allowed:
+        raise RateLimited(decision.retry_after, detail)

@@ -42,6 +42,7 @@ from shared.crypto import CredentialUnreadable, Sealed, get_keyring
 from shared.db.session import Connection, Database, as_service, as_user, jsonb
 from shared.errors import DependencyUnavailable, Forbidden, NotFound
 from shared.logs import DECISION_REASON, ORG_ID, REQUEST_ID, log_event, register_secret
+from shared.ratelimit import RateLimitRule, enforce
 
 ACTOR_API: Final = "connections-api"
 
@@ -188,6 +189,12 @@ async def write_audit(
     )
 
 
+# Each verification makes live requests to a provider or a customer's endpoint on the caller's behalf:
+# bound how many an organization can trigger, so the dashboard is not a request cannon.
+OUTBOUND_CHECKS = RateLimitRule("connection-checks", limit=20, window_seconds=60)
+_TOO_MANY_CHECKS = "Too many connection checks for this organization; try again in a minute."
+
+
 def _user_id(claims: Claims) -> uuid.UUID:
     return uuid.UUID(str(claims["sub"]))
 
@@ -228,6 +235,7 @@ async def create_connection(
         raise NotFound("No such organization.")
     if member["role"] not in ("owner", "admin"):
         raise Forbidden("Only owners and admins of the organization can add connections.")
+    await enforce(OUTBOUND_CHECKS, str(body.org_id), detail=_TOO_MANY_CHECKS)
 
     kind: Kind = body.kind
     try:
@@ -291,6 +299,7 @@ async def verify_connection(
     db: Database, claims: Claims, connection_id: uuid.UUID, *, env: ProviderEnvironment, request_id: str | None
 ) -> ConnectionOut:
     current = await _require_manager(db, claims, connection_id)
+    await enforce(OUTBOUND_CHECKS, str(current["org_id"]), detail=_TOO_MANY_CHECKS)
     org_id: uuid.UUID = current["org_id"]
     kind: Kind = current["kind"]
     try:

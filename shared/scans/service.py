@@ -25,6 +25,7 @@ from shared.db.session import Database, as_service, as_user, jsonb
 from shared.egress import check_url
 from shared.errors import Conflict, Forbidden, NotFound, Unprocessable
 from shared.logs import DECISION_REASON, ORG_ID, REQUEST_ID, log_event
+from shared.ratelimit import RateLimitRule, enforce
 from shared.scans.crawler import normalise
 from shared.scans.schemas import ScanCreate, ScanEnvironment, ScanOut
 
@@ -101,6 +102,10 @@ def _log(message: str, *, org_id: uuid.UUID, request_id: str | None, reason: str
     log_event(message, logging.INFO, **{ORG_ID: str(org_id), REQUEST_ID: request_id, DECISION_REASON: reason}, **fields)
 
 
+# A scan is the product's largest outbound activity: bound how many an organization can start.
+SCAN_REQUESTS = RateLimitRule("scan-requests", limit=10, window_seconds=60)
+
+
 async def create_scan(
     db: Database, claims: Claims, body: ScanCreate, *, env: ScanEnvironment, request_id: str | None
 ) -> ScanOut:
@@ -111,6 +116,7 @@ async def create_scan(
     if not agent["can_manage"]:
         raise Forbidden("Only owners and admins of the organization can scan sites for its agents.")
     org_id: uuid.UUID = agent["org_id"]
+    await enforce(SCAN_REQUESTS, str(org_id), detail="Too many scans started for this organization; try again shortly.")
 
     await check_url(body.start_url, policy=env.policy, resolver=env.resolver)  # EgressDenied -> 422
     start_url = normalise(body.start_url)

@@ -28,9 +28,12 @@ from functions.connection_verify import app
 from shared.connections.errors import CredentialRejected
 from shared.connections.providers import PRODUCTION, get_provider_environment, verify
 from shared.connections.schemas import Credential
+from shared.connections.service import OUTBOUND_CHECKS
 from shared.crypto import get_keyring
 from shared.db.session import get_database
 from shared.egress import EgressPolicy
+from shared.ratelimit import check
+from shared.redis import get_redis
 from tests.conftest import TransactionDatabase
 from tests.factories import access_token, add_member, create_org, user_claims
 from tests.fakes.providers import Answer, Fakes, running_fakes
@@ -457,6 +460,22 @@ class TestWhoMayCreate:
         url = issued(fakes.slack.webhook())
         response = await api.create(org["owner"], slack_body(org, url, token=url))
         assert response.status_code == 422
+
+
+class TestOutboundCheckLimit:
+    async def test_an_organization_over_its_check_limit_gets_a_429_and_no_request_is_made(
+        self, api: Api, db: Connection, org: dict[str, Any], fakes: Fakes
+    ) -> None:
+        for _ in range(OUTBOUND_CHECKS.limit):
+            await check(get_redis(), OUTBOUND_CHECKS, str(org["id"]))
+        url = issued(fakes.slack.webhook())
+
+        response = await api.create(org["owner"], slack_body(org, url))
+
+        assert response.status_code == 429
+        assert int(response.headers["retry-after"]) >= 1
+        assert fakes.slack.received("POST") == [], "no request left for the provider"
+        assert await connections_of(db, org) == []
 
 
 async def _create_github(api: Api, org: dict[str, Any], fakes: Fakes) -> tuple[str, str, str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 import uuid
 from collections.abc import Iterator
@@ -11,7 +12,10 @@ import pytest
 import redis
 from upstash_redis.asyncio import Redis
 
-from shared.ratelimit import RateLimitRule, bucket_prefix, check, hit
+from shared.errors import RateLimited
+from shared.ratelimit import RateLimitRule, bucket_prefix, check, enforce, hit
+from shared.redis import close_redis
+from shared.settings import get_settings
 
 # Long windows keep a test from straddling a window boundary; the last test uses a short one on purpose.
 HOUR = 3600
@@ -111,3 +115,34 @@ class TestRule:
     def test_a_malformed_rule_cannot_be_declared(self) -> None:
         with pytest.raises(ValueError, match="bucket"):
             RateLimitRule("no:colons", limit=1, window_seconds=1)
+
+
+class TestEnforce:
+    async def test_passes_within_the_limit_then_raises_rate_limited(self, bucket: str) -> None:
+        rule = RateLimitRule(bucket, limit=2, window_seconds=60)
+        identifier = uuid.uuid4().hex
+        await enforce(rule, identifier, detail="slow down")
+        await enforce(rule, identifier, detail="slow down")
+        with pytest.raises(RateLimited, match="slow down") as caught:
+            await enforce(rule, identifier, detail="slow down")
+        assert caught.value.headers["Retry-After"] == str(caught.value.retry_after_seconds)
+        assert caught.value.retry_after_seconds >= 1
+
+    async def test_with_redis_unreachable_the_request_passes_and_is_logged(
+        self, bucket: str, monkeypatch: pytest.MonkeyPatch, log_lines: list[str]
+    ) -> None:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            closed = sock.getsockname()[1]
+        monkeypatch.setenv("UPSTASH_REDIS_REST_URL", f"http://127.0.0.1:{closed}")
+        get_settings.cache_clear()
+        await close_redis()
+        try:
+            rule = RateLimitRule(bucket, limit=1, window_seconds=60)
+            for _ in range(3):
+                await enforce(rule, "someone", detail="slow down")
+        finally:
+            await close_redis()
+            monkeypatch.undo()
+            get_settings.cache_clear()
+        assert any(f'"decision_reason":"{bucket}-unchecked"' in line for line in log_lines)

@@ -23,7 +23,7 @@ import math
 import re
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from upstash_redis.asyncio import Redis
@@ -98,11 +98,20 @@ async def check(redis: Redis, rule: RateLimitRule, identifier: str) -> RateLimit
     )
 
 
-async def enforce(rule: RateLimitRule, identifier: str, *, detail: str) -> None:
+async def enforce(
+    rule: RateLimitRule,
+    identifier: str,
+    *,
+    detail: str,
+    unavailable_reason: str | None = None,
+    **log_fields: Any,
+) -> None:
     """Raise ``RateLimited`` when ``identifier`` is over ``rule``; let the request through if Redis is down.
 
-    For limits that guard our own capacity (outbound requests a dashboard user can trigger), where
-    refusing everyone while Redis is unreachable would be worse than a short unmetered window.
+    For limits that guard our own capacity (model bursts, outbound requests a dashboard user can
+    trigger), where refusing everyone while Redis is unreachable would be worse than a short
+    unmetered window. The pass is logged with ``unavailable_reason`` (default ``<bucket>-unchecked``)
+    and the caller's ``log_fields``.
     """
     from shared.errors import RateLimited
     from shared.logs import DECISION_REASON, log_event
@@ -114,7 +123,7 @@ async def enforce(rule: RateLimitRule, identifier: str, *, detail: str) -> None:
         log_event(
             "rate limit not checked: Redis is unreachable",
             logging.WARNING,
-            **{DECISION_REASON: f"{rule.bucket}-unchecked"},
+            **{**log_fields, DECISION_REASON: unavailable_reason or f"{rule.bucket}-unchecked"},
             error_type=type(exc).__name__,
         )
         return

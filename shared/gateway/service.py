@@ -40,8 +40,7 @@ from shared.pricing import (
     price_of,
     prompt_token_bound,
 )
-from shared.ratelimit import hit
-from shared.redis import get_redis
+from shared.ratelimit import RateLimitRule, enforce
 from shared.retrieval import RetrievedChunk
 from shared.settings import get_settings
 
@@ -262,26 +261,17 @@ async def _check_burst(usage: Usage, limit: int) -> None:
     if limit < 1:
         raise ValueError("burst_per_minute must be at least 1")
     try:
-        decision = await hit(
-            get_redis(),
-            bucket=BURST_BUCKET,
-            identifier=str(usage.org_id),
-            limit=limit,
-            window_seconds=BURST_WINDOW_SECONDS,
+        # Fails open when Redis is unreachable: the monthly budget in Postgres still caps spend.
+        await enforce(
+            RateLimitRule(BURST_BUCKET, limit, BURST_WINDOW_SECONDS),
+            str(usage.org_id),
+            detail="Too many model calls for this organization; try again shortly.",
+            unavailable_reason="burst-limit-unavailable",
+            **{REQUEST_ID: usage.request_id, ORG_ID: str(usage.org_id), "model": usage.model},
         )
-    except Exception as exc:
-        # Fail open: the monthly budget in Postgres still caps what this organization can spend.
-        _log(
-            usage,
-            "burst limit not checked: Redis is unreachable",
-            logging.WARNING,
-            "burst-limit-unavailable",
-            error_type=type(exc).__name__,
-        )
-        return
-    if not decision.allowed:
+    except RateLimited:
         _log(usage, "model call refused", logging.INFO, "burst-limited")
-        raise RateLimited(decision.retry_after, "Too many model calls for this organization; try again shortly.")
+        raise
 
 
 async def _record(db: Database, usage: Usage, reservation_id: UUID) -> int:

@@ -927,6 +927,22 @@ class TestTranscripts:
         assert reply["latency_ms"] is not None
 
 
+class TestCardData:
+    async def test_a_card_number_pasted_into_the_chat_is_refused_and_never_stored(
+        self, db: Connection, online: FakeOpenAI, client: httpx.AsyncClient, make_widget: Callable[..., Any]
+    ) -> None:
+        widget = await make_widget()
+        before = len(online.requests_to("/v1/chat/completions"))
+
+        response = await send(client, widget, "my card is 4242 4242 4242 4242, exp 12/29")
+
+        assert response.status_code == 422
+        assert problem(response)["type"].endswith("/card-data-refused")
+        assert "4242" not in response.text
+        assert await rows(db, "select id from public.messages where org_id = %s", widget.org["id"]) == []
+        assert len(online.requests_to("/v1/chat/completions")) == before, "the number never reached a model"
+
+
 class TestKnowledge:
     async def test_the_model_is_given_the_agents_knowledge_and_history_and_never_another_agents(
         self, db: Connection, online: FakeOpenAI, client: httpx.AsyncClient, make_widget: Callable[..., Any]

@@ -260,6 +260,31 @@ class TestConfig:
 
 
 class TestKeysFromTheAttackersSide:
+    async def test_an_agent_created_from_the_dashboard_is_off_until_enabled(
+        self, db: Connection, client: httpx.AsyncClient, forget_rate_limits: list[uuid.UUID]
+    ) -> None:
+        org = await create_org(db)
+        # The dashboard creates the agent with the user's session, naming no widget settings at all.
+        async with as_user(TransactionDatabase(db), user_claims(org["owner"])) as conn:
+            cur = await conn.execute(
+                "insert into public.agents (org_id, name, allowed_origins) values (%s, 'new', %s) returning *",
+                (org["id"], [ORIGIN]),
+            )
+            agent = await cur.fetchone()
+        assert agent is not None
+        assert (agent["widget_enabled"], agent["widget_key_hash"]) == (False, None), "a new widget is off, keyless"
+        forget_rate_limits.append(agent["id"])
+        widget = Widget(org, agent, "")
+        widget.key = await rotate(db, widget)
+
+        off = await client.get(widget.config_path, headers={"Origin": ORIGIN})
+        assert off.status_code == 404, "a key alone does not turn the widget on"
+
+        async with as_user(TransactionDatabase(db), user_claims(org["owner"])) as conn:
+            await conn.execute("update public.agents set widget_enabled = true where id = %s", (agent["id"],))
+        on = await client.get(widget.config_path, headers={"Origin": ORIGIN})
+        assert on.status_code == 200, on.text
+
     async def test_guessed_disabled_and_rotated_keys_get_the_same_404(
         self, db: Connection, client: httpx.AsyncClient, make_widget: Callable[..., Any]
     ) -> None:

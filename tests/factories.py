@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import socket
 import time
 import uuid
 from typing import Any
@@ -112,3 +113,11 @@ def access_token(user: dict[str, Any], **overrides: Any) -> str:
     claims = {**user_claims(user), **overrides}
     secret = get_settings().supabase_jwt_secret.get_secret_value()
     return jwt.encode(claims, secret, algorithm="HS256")
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on: a dependency that is down, refusing at once."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port

@@ -12,7 +12,6 @@ import base64
 import dataclasses
 import json
 import os
-import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -35,7 +34,7 @@ from shared.egress import EgressPolicy
 from shared.ratelimit import check
 from shared.redis import get_redis
 from tests.conftest import TransactionDatabase
-from tests.factories import access_token, add_member, create_org, user_claims
+from tests.factories import access_token, add_member, closed_port, create_org, user_claims
 from tests.fakes.providers import Answer, Fakes, running_fakes
 
 Connection = AsyncConnection[DictRow]
@@ -157,13 +156,6 @@ def assert_refused(response: httpx.Response, *fragments: str, slug: str = "conne
 
 async def connections_of(db: Connection, org: dict[str, Any]) -> list[dict[str, Any]]:
     return await sql(db, "select * from public.connections where org_id = %s", org["id"])
-
-
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 class TestCreateSlack:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
@@ -14,14 +13,7 @@ from functions.health import app
 from shared.db.pool import close_pools
 from shared.redis import close_redis
 from shared.settings import get_settings
-
-
-def _closed_port() -> int:
-    """A loopback port nothing listens on: a dependency that is down."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
+from tests.factories import closed_port
 
 
 @pytest.fixture
@@ -36,7 +28,7 @@ async def client(worker_db: str) -> AsyncIterator[httpx.AsyncClient]:
 
 @pytest.fixture
 def database_down(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.setenv("DATABASE_URL", f"postgresql://authenticator@127.0.0.1:{_closed_port()}/hiredhands")
+    monkeypatch.setenv("DATABASE_URL", f"postgresql://authenticator@127.0.0.1:{closed_port()}/hiredhands")
     get_settings.cache_clear()
     yield
     get_settings.cache_clear()
@@ -44,7 +36,7 @@ def database_down(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 @pytest.fixture
 def redis_down(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.setenv("UPSTASH_REDIS_REST_URL", f"http://127.0.0.1:{_closed_port()}")
+    monkeypatch.setenv("UPSTASH_REDIS_REST_URL", f"http://127.0.0.1:{closed_port()}")
     get_settings.cache_clear()
     yield
     get_settings.cache_clear()

@@ -11,7 +11,6 @@ import asyncio
 import importlib
 import json
 import secrets
-import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -37,7 +36,7 @@ from shared.widget import visitor_tokens
 from shared.widget.schemas import MAX_CONVERSATION_MESSAGES, MAX_MESSAGE_CHARS
 from shared.widget.service import MODEL_FAILURE_REPLY
 from tests.conftest import Connection, TransactionDatabase
-from tests.factories import add_member, create_agent, create_org, user_claims
+from tests.factories import add_member, closed_port, create_agent, create_org, user_claims
 from tests.fakes.openai_server import FakeOpenAI, running_fake_openai
 
 ORIGIN = "https://shop.example"
@@ -208,13 +207,6 @@ async def rotate(db: Connection, widget: Widget) -> str:
     assert row is not None
     key: str = row["key"]
     return key
-
-
-def closed_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 def forged_token(

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
@@ -38,7 +37,7 @@ from shared.redis import close_redis
 from shared.retrieval import RetrievedChunk
 from shared.settings import get_settings
 from tests.conftest import Connection, TransactionDatabase
-from tests.factories import create_agent, create_org
+from tests.factories import closed_port, create_agent, create_org
 from tests.fakes.openai_server import FakeOpenAI, running_fake_openai
 
 Configure = Callable[..., None]
@@ -172,10 +171,7 @@ async def ask(
 
 
 def closed_port_url() -> str:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"http://127.0.0.1:{port}"
+    return f"http://127.0.0.1:{closed_port()}"
 
 
 REFUNDS = RetrievedChunk(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 import uuid
 from collections.abc import Iterator
@@ -16,6 +15,7 @@ from shared.errors import RateLimited
 from shared.ratelimit import RateLimitRule, bucket_prefix, check, enforce, hit
 from shared.redis import close_redis
 from shared.settings import get_settings
+from tests.factories import closed_port
 
 # Long windows keep a test from straddling a window boundary; the last test uses a short one on purpose.
 HOUR = 3600
@@ -131,10 +131,7 @@ class TestEnforce:
     async def test_with_redis_unreachable_the_request_passes_and_is_logged(
         self, bucket: str, monkeypatch: pytest.MonkeyPatch, log_lines: list[str]
     ) -> None:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            closed = sock.getsockname()[1]
-        monkeypatch.setenv("UPSTASH_REDIS_REST_URL", f"http://127.0.0.1:{closed}")
+        monkeypatch.setenv("UPSTASH_REDIS_REST_URL", f"http://127.0.0.1:{closed_port()}")
         get_settings.cache_clear()
         await close_redis()
         try:

@@ -6,9 +6,9 @@ organization queue behind each other and can never together pass ``monthly_budge
 raises SQLSTATE HH402, which ``shared.db.errors`` turns into ``BudgetExhausted``. Settling and
 releasing live with the usage row in ``shared.metering``, so the two commit together.
 
-Like every domain function these take the caller's connection: they never commit, open a pool
-or choose a role. A reservation must be committed on its own (``as_service``) before the model is
-called, so that concurrent calls see it.
+``load_limits`` takes the caller's connection, like every domain function. ``reserve`` takes the
+``Database`` instead: a reservation must be committed on its own before the model is called, so
+that concurrent calls see it, and ``run_as_service`` does that in one round trip.
 """
 
 from __future__ import annotations
@@ -16,8 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from uuid import UUID
 
-from shared.db.errors import map_db_errors
-from shared.db.session import Connection
+from shared.db.session import Connection, Database, run_as_service
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,15 +49,14 @@ async def load_limits(conn: Connection, org_id: UUID) -> OrgLimits | None:
         return await cur.fetchone()
 
 
-async def reserve(conn: Connection, *, org_id: UUID, amount_microusd: int) -> UUID:
+async def reserve(db: Database, *, org_id: UUID, amount_microusd: int) -> UUID:
     """Hold ``amount_microusd`` of this month's budget; raises ``BudgetExhausted`` past the cap.
 
     A reservation is at least one micro-dollar (the database refuses an empty hold), so even a
     free call (the offline provider) is admitted only while the budget has room.
     """
-    with map_db_errors():
-        cur = await conn.execute(_RESERVE, {"org_id": org_id, "amount": max(1, amount_microusd)})
-        row = await cur.fetchone()
+    rows = await run_as_service(db, _RESERVE, {"org_id": org_id, "amount": max(1, amount_microusd)})
+    row = rows[0] if rows else None
     if row is None or row["id"] is None:  # pragma: no cover - the function always returns an id
         raise RuntimeError("reserve_budget returned no reservation")
     reservation_id: UUID = row["id"]

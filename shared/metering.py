@@ -8,6 +8,8 @@ insert reads from), so they commit together or not at all, in a single round tri
 * outcome ``rejected``: the budget refused the call, there is no reservation and no cost.
 
 ``usage_events`` is append-only for every role (a trigger raises HH403 on update or delete).
+``record`` runs in its own transaction (``run_as_service``), so the row is committed even when
+whatever the caller does next fails.
 """
 
 from __future__ import annotations
@@ -16,8 +18,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 from uuid import UUID
 
-from shared.db.errors import map_db_errors
-from shared.db.session import Connection
+from shared.db.session import Database, run_as_service
 
 Kind = Literal["chat", "embedding"]
 Outcome = Literal["ok", "error", "timeout", "rejected"]
@@ -75,7 +76,7 @@ returning id
 """
 
 
-async def record(conn: Connection, usage: Usage, *, reservation_id: UUID | None) -> int:
+async def record(db: Database, usage: Usage, *, reservation_id: UUID | None) -> int:
     """Append ``usage`` and settle (``ok``) or release (any other outcome) its reservation.
 
     Returns the usage row's id. A call that was refused before it was made has no reservation
@@ -92,10 +93,8 @@ async def record(conn: Connection, usage: Usage, *, reservation_id: UUID | None)
         raise ValueError("a rejected call has no reservation")
     else:
         query = _RELEASE_AND_INSERT
-    with map_db_errors():
-        cur = await conn.execute(query, params)
-        row = await cur.fetchone()
-    if row is None:  # pragma: no cover - an insert ... returning always returns the row
+    rows = await run_as_service(db, query, params)
+    if not rows:  # pragma: no cover - an insert ... returning always returns the row
         raise RuntimeError("the usage row was not written")
-    usage_event_id: int = row["id"]
+    usage_event_id: int = rows[0]["id"]
     return usage_event_id

@@ -8,9 +8,10 @@ neighbours (HNSW), fused by reciprocal rank (``sum(1 / (60 + rank))``, Cormack e
 needs no calibration between a ``ts_rank`` and a distance. Without an embedding (the offline
 provider) the search is full text alone, scored by the same formula over one list.
 
-The connection is the caller's (``as_service`` for the public widget, which bypasses row-level
-security), so the ``agent_id`` filter is the tenant wall here: an agent belongs to exactly one
-organization, and a chunk's composite foreign key keeps it in its agent's organization.
+The search runs as the server (``run_as_service``: the public widget has no user, and its own
+transaction costs one round trip), bypassing row-level security, so the ``agent_id`` filter is the
+tenant wall here: an agent belongs to exactly one organization, and a chunk's composite foreign
+key keeps it in its agent's organization.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
-from shared.db.session import Connection
+from shared.db.session import Database, run_as_service
 
 RRF_K = 60
 # Each ranking contributes this many candidates before fusion.
@@ -50,7 +51,7 @@ def vector_literal(embedding: list[float]) -> str:
 
 
 async def search_knowledge(
-    conn: Connection,
+    db: Database,
     *,
     agent_id: UUID,
     query: str,
@@ -68,8 +69,4 @@ async def search_knowledge(
         "candidates": max(_CANDIDATES_PER_LIST, limit),
         "limit": limit,
     }
-    from psycopg.rows import class_row  # the driver loads with the first query, not at start
-
-    async with conn.cursor(row_factory=class_row(RetrievedChunk)) as cur:
-        await cur.execute(_SEARCH, params)
-        return await cur.fetchall()
+    return [RetrievedChunk(**row) for row in await run_as_service(db, _SEARCH, params)]

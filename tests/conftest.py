@@ -210,3 +210,15 @@ async def upstash(redis_bridge: tuple[str, str]) -> AsyncIterator[Redis]:
         yield client
     finally:
         await client.close()
+
+
+def waits_for_the_server(trace: str) -> int:
+    """Round trips in a libpq trace: the client waits for the server after each Sync (extended
+    protocol), Flush (a result fetched in pipeline mode) or Query (simple protocol). A Flush right
+    after a Sync is the same wait (psycopg sends both when a pipeline ends)."""
+    sent = [line.split("\t")[2].split(" ")[0] for line in trace.splitlines() if line.startswith("F")]
+    return sum(
+        1
+        for i, message in enumerate(sent)
+        if message in {"Sync", "Query"} or (message == "Flush" and (i == 0 or sent[i - 1] != "Sync"))
+    )

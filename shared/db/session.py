@@ -3,10 +3,23 @@
 Each opens one transaction and sets its own role and JWT claims with ``set_config(..., true)``,
 transaction-local as PostgREST does it, so nothing leaks to the next user of a pooled
 connection. Domain functions receive the connection and never commit, open a pool or set a role.
+
+Transactions run in libpq's pipeline mode: ``BEGIN``, the role and claims, the caller's statements
+and ``COMMIT`` are sent without waiting for each answer, and the client waits only when it needs a
+result (a fetch) and once at the end. A transaction whose statement is fetched inside the block
+costs two round trips instead of four. A single statement in its own transaction goes through
+``run_as_service``, which reads the rows only after the commit: one round trip. The domain
+functions on the widget's path are one statement each and take the ``Database`` for that reason.
+
+The price of pipelining: a failing statement that is never fetched raises when the block ends,
+not where it was executed, so code inside a transaction must not catch database errors to carry
+on; nothing in the domain does.
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -65,11 +78,45 @@ def get_database() -> Database:
     return _default_database
 
 
+_savepoint_numbers = itertools.count()
+
+
+@asynccontextmanager
+async def pipelined_transaction(conn: Connection) -> AsyncIterator[None]:
+    """A transaction on ``conn`` in pipeline mode; a savepoint when ``conn`` is already in one (tests).
+
+    psycopg's own ``conn.transaction()`` syncs the pipeline when it begins and ends, which is the
+    waiting this exists to avoid, so the transaction commands are sent as plain statements.
+    """
+    from psycopg.pq import TransactionStatus
+
+    if conn.info.transaction_status == TransactionStatus.IDLE:
+        begin, commit, rollback = "begin", "commit", "rollback"
+    else:
+        name = f"hh_transaction_{next(_savepoint_numbers)}"
+        begin, commit, rollback = f"savepoint {name}", f"release savepoint {name}", f"rollback to savepoint {name}"
+    started = False
+    try:
+        async with conn.pipeline():
+            await conn.execute(begin)
+            started = True
+            yield
+            await conn.execute(commit)
+    except BaseException:
+        # A failed statement leaves the transaction aborted, and commands sent after it were skipped:
+        # roll back here so the connection goes back to the pool (or the test) clean. If even that
+        # fails, the original error matters more and the pool discards a broken connection.
+        if started and conn.info.transaction_status in (TransactionStatus.INTRANS, TransactionStatus.INERROR):
+            with contextlib.suppress(Exception):
+                await conn.execute(rollback)
+        raise
+
+
 @asynccontextmanager
 async def _as_role(db: Database, role: str, claims: Mapping[str, Any]) -> AsyncIterator[Connection]:
     async with db.connection() as conn:
         with map_db_errors():
-            async with conn.transaction():
+            async with pipelined_transaction(conn):
                 await conn.execute(
                     _ENTER,
                     {"search_path": _SEARCH_PATH, "role": role, "claims": json.dumps({**claims, "role": role})},
@@ -85,3 +132,12 @@ def as_user(db: Database, claims: Mapping[str, Any]) -> AbstractAsyncContextMana
 def as_service(db: Database) -> AbstractAsyncContextManager[Connection]:
     """A transaction as the server (public widget, Stripe, workers): bypasses RLS, sees secrets."""
     return _as_role(db, "service_role", {})
+
+
+async def run_as_service(db: Database, query: str, params: Mapping[str, Any]) -> list[DictRow]:
+    """One statement in its own transaction as the server, in one round trip: the statement and the
+    commit are sent together and the rows read once the transaction has committed."""
+    async with as_service(db) as conn:
+        cursor = await conn.execute(query, params)
+    with map_db_errors():
+        return await cursor.fetchall()

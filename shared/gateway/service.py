@@ -211,7 +211,7 @@ async def _metered(
         answer = await call()
     except provider.ProviderFailure as failure:
         failed = replace(usage, outcome=failure.outcome, latency_ms=_elapsed_ms(started))
-        await _record(db, failed, reservation_id)
+        await metering.record(db, failed, reservation_id=reservation_id)
         _log(failed, "model call failed", logging.WARNING, failure.reason)
         message = "The model did not answer in time." if failure.outcome == "timeout" else None
         raise ModelUnavailable(message or "The model is unavailable right now.") from None
@@ -220,7 +220,7 @@ async def _metered(
         # even if this task is cancelled again while doing it.
         failed = replace(usage, outcome="error", latency_ms=_elapsed_ms(started))
         try:
-            await asyncio.shield(_record(db, failed, reservation_id))
+            await asyncio.shield(metering.record(db, failed, reservation_id=reservation_id))
         except Exception:  # the original exception matters more; the hold expires on its own
             _log(failed, "could not release a reservation", logging.ERROR, "reservation-release-failed")
         raise
@@ -233,7 +233,7 @@ async def _metered(
         ),
         latency_ms=_elapsed_ms(started),
     )
-    usage_event_id = await _record(db, done, reservation_id)
+    usage_event_id = await metering.record(db, done, reservation_id=reservation_id)
     return answer.value, done, usage_event_id
 
 
@@ -247,12 +247,10 @@ async def _admit(db: Database, usage: Usage, *, estimate: int, burst_per_minute:
         burst_per_minute = limits.burst_per_minute
     await _check_burst(usage, burst_per_minute)
     try:
-        async with as_service(db) as conn:
-            return await budgets.reserve(conn, org_id=usage.org_id, amount_microusd=estimate)
+        return await budgets.reserve(db, org_id=usage.org_id, amount_microusd=estimate)
     except BudgetExhausted:
         rejected = replace(usage, outcome="rejected")
-        async with as_service(db) as conn:
-            await metering.record(conn, rejected, reservation_id=None)
+        await metering.record(db, rejected, reservation_id=None)
         _log(rejected, "model call refused", logging.INFO, "budget-exhausted")
         raise
 
@@ -272,11 +270,6 @@ async def _check_burst(usage: Usage, limit: int) -> None:
     except RateLimited:
         _log(usage, "model call refused", logging.INFO, "burst-limited")
         raise
-
-
-async def _record(db: Database, usage: Usage, reservation_id: UUID) -> int:
-    async with as_service(db) as conn:
-        return await metering.record(conn, usage, reservation_id=reservation_id)
 
 
 def _provider_messages(

@@ -1,4 +1,5 @@
-"""The widget's SQL. Each statement is one round trip; docs/widget.md counts them.
+"""The widget's SQL. Each statement runs in its own transaction in one round trip
+(``run_as_service``); docs/widget.md counts them.
 
 All run as ``service_role`` (the widget has no user), so every statement filters by the agent the
 key resolved to: that filter is the tenant wall here, with the composite foreign keys keeping
@@ -12,8 +13,7 @@ from datetime import datetime
 from typing import Any, Literal
 from uuid import UUID
 
-from shared.db.errors import map_db_errors
-from shared.db.session import Connection, jsonb
+from shared.db.session import Database, jsonb, run_as_service
 from shared.reviews import NewReviewItem, as_records
 
 MessageRole = Literal["visitor", "agent", "system"]
@@ -174,17 +174,13 @@ class StoredTurn:
     items: int
 
 
-async def widget_config(conn: Connection, *, key_hash: bytes) -> ConfigRow | None:
-    with map_db_errors():
-        from psycopg.rows import class_row  # the driver loads with the first query, not at start
-
-        async with conn.cursor(row_factory=class_row(ConfigRow)) as cur:
-            await cur.execute(_CONFIG, {"key_hash": key_hash})
-            return await cur.fetchone()
+async def widget_config(db: Database, *, key_hash: bytes) -> ConfigRow | None:
+    rows = await run_as_service(db, _CONFIG, {"key_hash": key_hash})
+    return ConfigRow(**rows[0]) if rows else None
 
 
 async def chat_context(
-    conn: Connection,
+    db: Database,
     *,
     key_hash: bytes,
     conversation_id: UUID | None,
@@ -197,24 +193,21 @@ async def chat_context(
         "visitor_id": visitor_id,
         "history_limit": history_limit,
     }
-    with map_db_errors():
-        cur = await conn.execute(_CHAT_CONTEXT, params)
-        row = await cur.fetchone()
-    if row is None:
+    rows = await run_as_service(db, _CHAT_CONTEXT, params)
+    if not rows:
         return None
+    row = rows[0]
     history = [HistoryMessage(role=item["role"], content=item["content"]) for item in row.pop("history")]
     return ChatContext(**row, history=history)
 
 
-async def recent_visitor_messages(conn: Connection, *, agent_id: UUID, window_seconds: int) -> int:
-    with map_db_errors():
-        cur = await conn.execute(_RECENT_VISITOR_MESSAGES, {"agent_id": agent_id, "window_seconds": window_seconds})
-        row = await cur.fetchone()
-    return int(row["n"]) if row is not None else 0
+async def recent_visitor_messages(db: Database, *, agent_id: UUID, window_seconds: int) -> int:
+    rows = await run_as_service(db, _RECENT_VISITOR_MESSAGES, {"agent_id": agent_id, "window_seconds": window_seconds})
+    return int(rows[0]["n"]) if rows else 0
 
 
 async def store_turn(
-    conn: Connection,
+    db: Database,
     *,
     conversation_id: UUID,
     org_id: UUID,
@@ -247,9 +240,7 @@ async def store_turn(
         ),
         "items": as_records(items),
     }
-    with map_db_errors():
-        cur = await conn.execute(_STORE_TURN, params)
-        row = await cur.fetchone()
-    if row is None:  # pragma: no cover - the final select always returns one row
+    rows = await run_as_service(db, _STORE_TURN, params)
+    if not rows:  # pragma: no cover - the final select always returns one row
         raise RuntimeError("the turn was not stored")
-    return StoredTurn(messages=row["messages"], items=row["items"])
+    return StoredTurn(messages=rows[0]["messages"], items=rows[0]["items"])

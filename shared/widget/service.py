@@ -34,7 +34,7 @@ from typing import Generic, Literal, TypeVar
 from uuid import UUID
 
 from shared import gateway, reviews
-from shared.db.session import Database, as_service
+from shared.db.session import Database
 from shared.errors import BudgetExhausted, DomainError, ModelUnavailable, RateLimited
 from shared.gateway import WIDGET_TOOLS, ChatMessage, ChatResult
 from shared.logs import DECISION_REASON, ORG_ID, REQUEST_ID, log_event
@@ -114,8 +114,7 @@ def _with_headers(headers: dict[str, str]) -> Iterator[None]:
 
 
 async def widget_config(db: Database, *, key: str, origin: str | None) -> Served[WidgetConfig]:
-    async with as_service(db) as conn:
-        row = await queries.widget_config(conn, key_hash=hash_key(key))
+    row = await queries.widget_config(db, key_hash=hash_key(key))
     if row is None:
         raise WidgetNotFound()
     decision = cors.decide(origin, row.allowed_origins)
@@ -125,8 +124,7 @@ async def widget_config(db: Database, *, key: str, origin: str | None) -> Served
 
 async def preflight(db: Database, *, key: str, origin: str | None) -> dict[str, str]:
     """Headers for an ``OPTIONS`` request: CORS only for an allowed origin of an enabled widget."""
-    async with as_service(db) as conn:
-        row = await queries.widget_config(conn, key_hash=hash_key(key))
+    row = await queries.widget_config(db, key_hash=hash_key(key))
     if row is None:
         raise WidgetNotFound()
     return cors.decide(origin, row.allowed_origins).preflight_headers()
@@ -170,14 +168,13 @@ async def chat(
     received_at = datetime.now(UTC)
     claims = visitor_tokens.verify(token) if token else None
 
-    async with as_service(db) as conn:
-        context = await queries.chat_context(
-            conn,
-            key_hash=hash_key(key),
-            conversation_id=claims.conversation_id if claims else None,
-            visitor_id=claims.visitor_id if claims else None,
-            history_limit=HISTORY_MESSAGES,
-        )
+    context = await queries.chat_context(
+        db,
+        key_hash=hash_key(key),
+        conversation_id=claims.conversation_id if claims else None,
+        visitor_id=claims.visitor_id if claims else None,
+        history_limit=HISTORY_MESSAGES,
+    )
     if context is None:
         raise WidgetNotFound()
     decision = cors.decide(origin, context.allowed_origins)
@@ -187,28 +184,27 @@ async def chat(
         await _enforce_rate_limits(db, context, visitor_address_key(client_address), request_id)
         conversation_id, visitor_id = _conversation(context, claims, token, request)
         reply, status, items, result = await _answer(db, context, conversation_id, request.message, request_id)
-        async with as_service(db) as conn:
-            stored = await queries.store_turn(
-                conn,
-                conversation_id=conversation_id,
-                org_id=context.org_id,
-                agent_id=context.agent_id,
-                visitor_id=visitor_id,
-                origin=decision.origin,
-                messages=[
-                    queries.NewMessage("visitor", request.message, received_at),
-                    queries.NewMessage(
-                        "agent" if status == "answered" else "system",
-                        reply,
-                        datetime.now(UTC),
-                        model=result.model if result else None,
-                        prompt_tokens=result.prompt_tokens if result else None,
-                        completion_tokens=result.completion_tokens if result else None,
-                        usage_event_id=result.usage_event_id if result else None,
-                    ),
-                ],
-                items=items,
-            )
+        stored = await queries.store_turn(
+            db,
+            conversation_id=conversation_id,
+            org_id=context.org_id,
+            agent_id=context.agent_id,
+            visitor_id=visitor_id,
+            origin=decision.origin,
+            messages=[
+                queries.NewMessage("visitor", request.message, received_at),
+                queries.NewMessage(
+                    "agent" if status == "answered" else "system",
+                    reply,
+                    datetime.now(UTC),
+                    model=result.model if result else None,
+                    prompt_tokens=result.prompt_tokens if result else None,
+                    completion_tokens=result.completion_tokens if result else None,
+                    usage_event_id=result.usage_event_id if result else None,
+                ),
+            ],
+            items=items,
+        )
         if stored.messages == 0:
             # The conversation changed hands between the read and the write; never write into it.
             raise ConversationNotFound()
@@ -274,10 +270,9 @@ async def _enforce_rate_limits(db: Database, context: queries.ChatContext, visit
         )
     except Exception as exc:  # any failure of the limiter's store: count in Postgres instead
         _log(request_id, context.org_id, "widget rate limit counted in Postgres", "ratelimit-fallback", exc)
-        async with as_service(db) as conn:
-            recent = await queries.recent_visitor_messages(
-                conn, agent_id=context.agent_id, window_seconds=RATE_WINDOW_SECONDS
-            )
+        recent = await queries.recent_visitor_messages(
+            db, agent_id=context.agent_id, window_seconds=RATE_WINDOW_SECONDS
+        )
         if recent >= context.rpm_per_agent:
             raise RateLimited(RATE_WINDOW_SECONDS, RATE_LIMITED_AGENT) from None
         return
@@ -353,14 +348,13 @@ async def _knowledge(
     except ModelUnavailable as failure:
         _log(request_id, context.org_id, "embedding failed; full-text retrieval only", failure.type_slug)
         vectors = None
-    async with as_service(db) as conn:
-        return await search_knowledge(
-            conn,
-            agent_id=context.agent_id,
-            query=question,
-            query_embedding=vectors[0] if vectors else None,
-            limit=KNOWLEDGE_CHUNKS,
-        )
+    return await search_knowledge(
+        db,
+        agent_id=context.agent_id,
+        query=question,
+        query_embedding=vectors[0] if vectors else None,
+        limit=KNOWLEDGE_CHUNKS,
+    )
 
 
 def model_messages(context: queries.ChatContext, message: str) -> list[ChatMessage]:

@@ -35,7 +35,7 @@ from shared.settings import get_settings
 from shared.widget import visitor_tokens
 from shared.widget.schemas import MAX_CONVERSATION_MESSAGES, MAX_MESSAGE_CHARS
 from shared.widget.service import MODEL_FAILURE_REPLY
-from tests.conftest import Connection, TransactionDatabase
+from tests.conftest import Connection, TransactionDatabase, waits_for_the_server
 from tests.factories import add_member, closed_port, create_agent, create_org, user_claims
 from tests.fakes.openai_server import FakeOpenAI, running_fake_openai
 
@@ -1196,16 +1196,13 @@ class TestRoundTrips:
                 db.pgconn.untrace()
 
         assert response.status_code == 200
-        # Outside pipeline mode every Sync (extended protocol) or Query (simple protocol) waits for the server.
-        sent = [line.split("\t") for line in trace.read_text().splitlines() if line.startswith("F")]
-        round_trips = sum(1 for fields in sent if fields[2].split(" ")[0] in {"Sync", "Query"})
-        assert round_trips == EXPECTED_ROUND_TRIPS[mode, knowledge], trace.read_text()
+        assert waits_for_the_server(trace.read_text()) == EXPECTED_ROUND_TRIPS[mode, knowledge], trace.read_text()
 
 
-# docs/widget.md explains each: 4 per transaction (begin, role, statement, commit).
+# docs/widget.md explains each: one per transaction (begin, role, statement and commit are pipelined).
 EXPECTED_ROUND_TRIPS = {
-    ("offline", False): 16,
-    ("offline", True): 20,
-    ("online", False): 16,
-    ("online", True): 28,
+    ("offline", False): 4,
+    ("offline", True): 5,
+    ("online", False): 4,
+    ("online", True): 7,
 }

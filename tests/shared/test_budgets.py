@@ -35,13 +35,11 @@ async def period(conn: Connection, org_id: uuid.UUID) -> tuple[int, int]:
 
 
 async def reserve(db: Connection, org_id: uuid.UUID, amount: int) -> uuid.UUID:
-    async with as_service(TransactionDatabase(db)) as conn:
-        return await budgets.reserve(conn, org_id=org_id, amount_microusd=amount)
+    return await budgets.reserve(TransactionDatabase(db), org_id=org_id, amount_microusd=amount)
 
 
 async def record(db: Connection, usage: Usage, reservation_id: uuid.UUID | None) -> int:
-    async with as_service(TransactionDatabase(db)) as conn:
-        return await metering.record(conn, usage, reservation_id=reservation_id)
+    return await metering.record(TransactionDatabase(db), usage, reservation_id=reservation_id)
 
 
 def usage(org_id: uuid.UUID, **overrides: Any) -> Usage:
@@ -106,8 +104,7 @@ class TestReserve:
             database = get_database()
 
             async def one() -> uuid.UUID:
-                async with as_service(database) as conn:
-                    return await budgets.reserve(conn, org_id=org["id"], amount_microusd=10)
+                return await budgets.reserve(database, org_id=org["id"], amount_microusd=10)
 
             outcomes = await asyncio.gather(*(one() for _ in range(100)), return_exceptions=True)
 

@@ -7,7 +7,6 @@ from typing import Any
 
 import pytest
 
-from shared.db.session import as_service
 from shared.retrieval import RRF_K, RetrievedChunk, search_knowledge, vector_literal
 from tests.conftest import Connection, TransactionDatabase
 from tests.factories import create_agent, create_org
@@ -45,8 +44,9 @@ async def add_chunk(
 async def search(
     db: Connection, agent: dict[str, Any], query: str, embedding: list[float] | None = None, limit: int = 5
 ) -> list[RetrievedChunk]:
-    async with as_service(TransactionDatabase(db)) as conn:
-        return await search_knowledge(conn, agent_id=agent["id"], query=query, query_embedding=embedding, limit=limit)
+    return await search_knowledge(
+        TransactionDatabase(db), agent_id=agent["id"], query=query, query_embedding=embedding, limit=limit
+    )
 
 
 @pytest.fixture

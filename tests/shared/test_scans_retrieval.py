@@ -84,7 +84,9 @@ async def test_full_text_with_stemming_finds_the_returns_page(db: Connection, si
     agent = await scanned_agent(db, site)
     await db.execute("reset role")
     # Not the page's wording: "refunds", "returned", "bikes" against "refund", "be returned", "Acme Bikes".
-    found = await search_knowledge(db, agent_id=agent["id"], query="refunds on returned bikes", query_embedding=None)
+    found = await search_knowledge(
+        TransactionDatabase(db), agent_id=agent["id"], query="refunds on returned bikes", query_embedding=None
+    )
     assert found, "nothing found"
     assert found[0].url == site.url("/returns")
     assert found[0].title == "Return policy"
@@ -115,8 +117,11 @@ async def test_the_vector_half_finds_the_page_with_no_word_in_common(
     )
     assert vectors is not None
     await db.execute("reset role")
-    assert await search_knowledge(db, agent_id=agent["id"], query=question, query_embedding=None) == [], (
-        "full text alone cannot find it: the question shares no searchable word with the page"
+    assert (
+        await search_knowledge(TransactionDatabase(db), agent_id=agent["id"], query=question, query_embedding=None)
+        == []
+    ), "full text alone cannot find it: the question shares no searchable word with the page"
+    found = await search_knowledge(
+        TransactionDatabase(db), agent_id=agent["id"], query=question, query_embedding=vectors[0]
     )
-    found = await search_knowledge(db, agent_id=agent["id"], query=question, query_embedding=vectors[0])
     assert found[0].url == site.url("/returns")

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from shared.db.session import as_service, as_user
+from shared.db.session import as_user
 from shared.errors import Forbidden
 from shared.widget import queries
 from shared.widget.keys import KEY_PREFIX, hash_key
@@ -23,8 +23,7 @@ async def rotate_as(db: Connection, user: dict[str, object], agent_id: object) -
 
 
 async def lookup(db: Connection, key: str) -> queries.ConfigRow | None:
-    async with as_service(TransactionDatabase(db)) as conn:
-        return await queries.widget_config(conn, key_hash=hash_key(key))
+    return await queries.widget_config(TransactionDatabase(db), key_hash=hash_key(key))
 
 
 class TestHash:

@@ -1,0 +1,137 @@
+"""The pipelined transactions of ``shared.db.session``: commit, rollback on every kind of failure,
+the role ending with the transaction, and the round trips they cost.
+
+Most tests run on the real pool (``committed_db``), the path production takes; the last one on the
+test's own transaction, where a transaction is a savepoint.
+"""
+
+from __future__ import annotations
+
+import secrets
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg.rows import dict_row
+
+from shared.db.pool import get_pool
+from shared.db.session import as_service, get_database, run_as_service
+from shared.errors import Unprocessable
+from tests.conftest import Connection, TransactionDatabase, waits_for_the_server
+
+_INSERT_ORG = "insert into public.organizations (name) values (%(name)s) returning id"
+
+
+class Boom(Exception):
+    pass
+
+
+@pytest.fixture
+async def admin(admin_url: str, committed_db: None) -> AsyncIterator[Connection]:
+    async with await psycopg.AsyncConnection.connect(admin_url, autocommit=True, row_factory=dict_row) as conn:
+        yield conn
+
+
+async def organizations_named(admin: Connection, name: str) -> int:
+    row = await (
+        await admin.execute("select count(*)::int as n from public.organizations where name = %s", (name,))
+    ).fetchone()
+    assert row is not None
+    return int(row["n"])
+
+
+def unique_name() -> str:
+    return f"Session probe {secrets.token_hex(6)}"
+
+
+async def test_a_transaction_commits_and_its_role_ends_with_it(admin: Connection) -> None:
+    name = unique_name()
+    async with as_service(get_database()) as conn:
+        role = await (await conn.execute("select current_user as role")).fetchone()
+        await conn.execute(_INSERT_ORG, {"name": name})
+
+    assert role == {"role": "service_role"}
+    assert await organizations_named(admin, name) == 1
+    async with (await get_pool()).connection() as pooled:
+        after = await (
+            await pooled.execute("select current_user as role, current_setting('request.jwt.claims', true) as claims")
+        ).fetchone()
+    assert after is not None
+    assert after["role"] == "authenticator", "the role was set for the transaction only"
+    assert not after["claims"]
+
+
+async def test_a_failing_statement_rolls_back_what_came_before_it(admin: Connection) -> None:
+    name = unique_name()
+    with pytest.raises(Unprocessable):
+        async with as_service(get_database()) as conn:
+            await conn.execute(_INSERT_ORG, {"name": name})
+            await (await conn.execute("select 1 / 0 as n")).fetchone()
+
+    assert await organizations_named(admin, name) == 0
+    assert await run_as_service(get_database(), "select 1 as n", {}) == [{"n": 1}], "the connection is usable again"
+
+
+async def test_a_failing_statement_never_fetched_fails_the_transaction_when_it_ends(admin: Connection) -> None:
+    name = unique_name()
+    with pytest.raises(Unprocessable):
+        async with as_service(get_database()) as conn:
+            await conn.execute(_INSERT_ORG, {"name": name})
+            await conn.execute("select 1 / 0 as n")  # pipelined: nothing waits for its answer here
+
+    assert await organizations_named(admin, name) == 0
+    assert await run_as_service(get_database(), "select 1 as n", {}) == [{"n": 1}]
+
+
+async def test_an_exception_in_the_block_rolls_the_transaction_back(admin: Connection) -> None:
+    name = unique_name()
+    with pytest.raises(Boom):
+        async with as_service(get_database()) as conn:
+            await (await conn.execute(_INSERT_ORG, {"name": name})).fetchone()
+            raise Boom
+
+    assert await organizations_named(admin, name) == 0
+    async with (await get_pool()).connection() as pooled:
+        assert pooled.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+
+
+async def test_run_as_service_is_one_round_trip_and_returns_the_committed_rows(
+    admin: Connection, tmp_path: Path
+) -> None:
+    name = unique_name()
+    trace = tmp_path / "trace.txt"
+    pool = await get_pool()
+    with open(trace, "w") as sink:  # noqa: ASYNC230 - a local file for libpq to write to
+        async with pool.connection() as pooled:  # the pool's one connection, traced from here on
+            pooled.pgconn.trace(sink.fileno())
+            pooled.pgconn.set_trace_flags(psycopg.pq.Trace.SUPPRESS_TIMESTAMPS | psycopg.pq.Trace.REGRESS_MODE)
+        try:
+            rows = await run_as_service(get_database(), _INSERT_ORG, {"name": name})
+        finally:
+            async with pool.connection() as pooled:
+                pooled.pgconn.untrace()
+
+    assert len(rows) == 1
+    assert isinstance(rows[0]["id"], uuid.UUID)
+    assert await organizations_named(admin, name) == 1
+    text = trace.read_text()
+    assert "insert into public.organizations" in text, "the traced connection ran the statement"
+    assert waits_for_the_server(text) == 1, text
+
+
+async def test_inside_a_test_transaction_a_failure_rolls_back_to_its_savepoint(db: Connection) -> None:
+    database = TransactionDatabase(db)
+    kept, lost = unique_name(), unique_name()
+    await run_as_service(database, _INSERT_ORG, {"name": kept})
+    with pytest.raises(Unprocessable):
+        async with as_service(database) as conn:
+            await conn.execute(_INSERT_ORG, {"name": lost})
+            await (await conn.execute("select 1 / 0 as n")).fetchone()
+
+    await db.execute("reset role")
+    rows = await (
+        await db.execute("select name from public.organizations where name = any(%s) order by name", ([kept, lost],))
+    ).fetchall()
+    assert rows == [{"name": kept}], "the outer transaction goes on; only the failed savepoint was undone"

@@ -22,6 +22,7 @@ import logging
 import math
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -69,26 +70,68 @@ def bucket_prefix(bucket: str) -> str:
     return f"{KEY_PREFIX}:{bucket}"
 
 
+@dataclass(frozen=True, slots=True)
+class LimitCheck:
+    """One hit to count for ``identifier`` against ``rule``."""
+
+    rule: RateLimitRule
+    identifier: str
+
+    def __post_init__(self) -> None:
+        if not self.identifier or len(self.identifier) > MAX_IDENTIFIER_LENGTH:
+            raise ValueError(f"a rate-limit identifier is 1-{MAX_IDENTIFIER_LENGTH} characters")
+
+
 async def hit(redis: Redis, *, bucket: str, identifier: str, limit: int, window_seconds: int) -> RateLimitDecision:
     """Count one hit for ``identifier`` in ``bucket`` and decide whether it may pass."""
-    _check_rule(bucket, limit, window_seconds)
-    if not identifier or len(identifier) > MAX_IDENTIFIER_LENGTH:
-        raise ValueError(f"a rate-limit identifier is 1-{MAX_IDENTIFIER_LENGTH} characters")
+    (decision,) = await hit_many(redis, [LimitCheck(RateLimitRule(bucket, limit, window_seconds), identifier)])
+    return decision
+
+
+async def hit_many(redis: Redis, checks: Sequence[LimitCheck]) -> list[RateLimitDecision]:
+    """Count every check in one Redis request and decide each, in order.
+
+    Each check is upstash-ratelimit's own sliding window, counted independently and in order (the
+    same check twice counts two hits): a check that is refused does not stop the others from
+    counting, so put together only limits that should all be charged for the request. The limiter
+    yields the one command it needs and takes its result back (its ``_limit`` generator, which its
+    own ``limit_async`` drives the same way), so the commands of several limits travel as one
+    Upstash pipeline instead of one request each.
+    """
+    if not checks:
+        return []
     from upstash_ratelimit.asyncio import SlidingWindow  # loaded by the first limited request
 
-    limiter = SlidingWindow(max_requests=limit, window=window_seconds, unit="s")
-    # The same key as upstash_ratelimit.asyncio.Ratelimit(prefix=...).limit(identifier). The limiter is
-    # called directly because constructing a Ratelimit on every hit appends to the client's telemetry
-    # header each time when telemetry is enabled.
-    response = await limiter.limit_async(redis, f"{bucket_prefix(bucket)}:{identifier}")
-    retry_after = 0 if response.allowed else max(1, math.ceil(response.reset - time.time()))
-    return RateLimitDecision(
-        allowed=response.allowed,
-        limit=response.limit,
-        remaining=response.remaining,
-        reset_at=response.reset,
-        retry_after=retry_after,
-    )
+    pending = []
+    pipeline = redis.pipeline()
+    for check in checks:
+        rule = check.rule
+        limiter = SlidingWindow(max_requests=rule.limit, window=rule.window_seconds, unit="s")
+        # The same key as upstash_ratelimit.asyncio.Ratelimit(prefix=...).limit(identifier). The limiter
+        # is used directly because a Ratelimit built on every hit appends to the client's telemetry
+        # header each time when telemetry is enabled.
+        generator = limiter._limit(f"{bucket_prefix(rule.bucket)}:{check.identifier}")
+        command, arguments = next(generator)
+        if command != "eval":  # pragma: no cover - the sliding window always evaluates its script
+            raise RuntimeError(f"unexpected rate-limit command {command!r}")
+        pipeline.eval(*arguments)
+        pending.append(generator)
+    results = await pipeline.exec()
+    now = time.time()
+    decisions = []
+    for generator, result in zip(pending, results, strict=True):
+        response = generator.send(result)
+        retry_after = 0 if response.allowed else max(1, math.ceil(response.reset - now))
+        decisions.append(
+            RateLimitDecision(
+                allowed=response.allowed,
+                limit=response.limit,
+                remaining=response.remaining,
+                reset_at=response.reset,
+                retry_after=retry_after,
+            )
+        )
+    return decisions
 
 
 async def check(redis: Redis, rule: RateLimitRule, identifier: str) -> RateLimitDecision:

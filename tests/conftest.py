@@ -17,9 +17,10 @@ import secrets
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
+import httpx
 import psycopg
 import pytest
 import redis
@@ -210,6 +211,23 @@ async def upstash(redis_bridge: tuple[str, str]) -> AsyncIterator[Redis]:
         yield client
     finally:
         await client.close()
+
+
+@contextmanager
+def counting_requests(client: Redis) -> Iterator[list[str]]:
+    """The paths of the HTTP requests ``client`` sends to the Upstash REST API meanwhile, counted by
+    the client's own httpx hook (what goes on the wire; nothing is replaced)."""
+    paths: list[str] = []
+    http = client._http._client
+
+    async def record(request: httpx.Request) -> None:
+        paths.append(request.url.path)
+
+    http.event_hooks["request"].append(record)
+    try:
+        yield paths
+    finally:
+        http.event_hooks["request"].remove(record)
 
 
 def waits_for_the_server(trace: str) -> int:

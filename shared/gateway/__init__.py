@@ -10,7 +10,7 @@ only inside the functions that call a model.
 
 from shared.gateway.provider import close_clients
 from shared.gateway.schemas import ChatMessage, ChatResult, Role, ToolCall
-from shared.gateway.service import BURST_BUCKET, EMBEDDING_DIMENSIONS, chat, embed
+from shared.gateway.service import BURST_BUCKET, EMBEDDING_DIMENSIONS, BurstPass, admit_burst, chat, embed, online
 from shared.gateway.tools import CAPTURE_LEAD, ESCALATE, ESCALATION_REASONS, WIDGET_TOOLS
 
 __all__ = [
@@ -20,11 +20,14 @@ __all__ = [
     "ESCALATE",
     "ESCALATION_REASONS",
     "WIDGET_TOOLS",
+    "BurstPass",
     "ChatMessage",
     "ChatResult",
     "Role",
     "ToolCall",
+    "admit_burst",
     "chat",
     "close_clients",
     "embed",
+    "online",
 ]

@@ -4,6 +4,9 @@
    Denied: ``RateLimited`` with ``retry_after``; nothing is reserved or recorded (this is the flood
    path, and a row per refused request would let a flood write to the database). Redis
    unreachable: the call is allowed and a warning logged; the monthly budget below still caps spend.
+   A request that makes several calls (a widget turn: embedding and chat) can count them all in
+   advance with ``admit_burst``, together with its own limits, in one Redis request; each call
+   given the resulting ``BurstPass`` uses one of its calls instead of asking Redis again.
 2. Reservation of the call's maximum cost (``shared.pricing``) in its own committed transaction
    (``as_service``), so concurrent calls see it. Refused (HH402): ``BudgetExhausted`` and one usage
    row with outcome ``rejected`` and cost 0 (the organization sees why its widget went quiet; the
@@ -40,7 +43,7 @@ from shared.pricing import (
     price_of,
     prompt_token_bound,
 )
-from shared.ratelimit import RateLimitRule, enforce
+from shared.ratelimit import LimitCheck, RateLimitDecision, RateLimitRule, enforce, hit_many
 from shared.retrieval import RetrievedChunk
 from shared.settings import get_settings
 
@@ -57,7 +60,70 @@ KNOWLEDGE_PREAMBLE = (
 )
 TOOL_RESULT_PREFIX = "Result of an earlier action: "
 
+BURST_DETAIL = "Too many model calls for this organization; try again shortly."
+
 _T = TypeVar("_T")
+
+
+@dataclass(eq=False, slots=True)
+class BurstPass:
+    """Model calls of one organization that its burst limit has already counted (``admit_burst``).
+
+    Each ``chat`` or ``embed`` given the pass uses one of them instead of a Redis request; a call of
+    another organization, or one made after the pass is used up, is checked as usual. Only
+    ``admit_burst`` creates passes (tests/architecture holds it to that).
+    """
+
+    org_id: UUID
+    calls_left: int
+
+    def use(self, org_id: UUID) -> bool:
+        if org_id != self.org_id or self.calls_left < 1:
+            return False
+        self.calls_left -= 1
+        return True
+
+
+def online() -> bool:
+    """Whether a model provider is configured; offline, ``embed`` makes no call and meters nothing."""
+    return provider.config_from(get_settings()) is not None
+
+
+async def admit_burst(
+    *,
+    org_id: UUID,
+    burst_per_minute: int,
+    calls: int,
+    request_id: str,
+    preceded_by: Sequence[LimitCheck] = (),
+) -> tuple[list[RateLimitDecision], BurstPass | None]:
+    """Count the caller's own limits (``preceded_by``) and ``calls`` model calls against the
+    organization's burst limit, in one Redis request.
+
+    Returns the decisions of the caller's limits and, when they all allow the request, a pass for
+    the calls (at most ``burst_per_minute``: a request cannot count more than a window holds; any
+    further call is checked on its own). Each call is one hit, and every hit is counted even when
+    another refuses, so a refused request may use up allowance it did not spend: the error is on
+    the side of fewer model calls. Raises ``RateLimited`` when the burst limit refuses any call. Redis
+    failures propagate: the caller decides how its own limits degrade and then calls without a
+    pass, each call checking the burst limit itself (and passing, logged, while Redis is down).
+    """
+    if burst_per_minute < 1 or calls < 1:
+        raise ValueError("burst_per_minute and calls must be at least 1")
+    from shared.redis import get_redis
+
+    counted = min(calls, burst_per_minute)
+    burst = LimitCheck(RateLimitRule(BURST_BUCKET, burst_per_minute, BURST_WINDOW_SECONDS), str(org_id))
+    answers = await hit_many(get_redis(), [*preceded_by, *[burst] * counted])
+    decisions, by_burst = answers[: len(preceded_by)], answers[len(preceded_by) :]
+    if not all(decision.allowed for decision in decisions):
+        return decisions, None
+    refused = [decision for decision in by_burst if not decision.allowed]
+    if refused:
+        fields = {REQUEST_ID: request_id, ORG_ID: str(org_id), DECISION_REASON: "burst-limited"}
+        log_event("model calls refused", logging.INFO, **fields)
+        raise RateLimited(max(decision.retry_after for decision in refused), BURST_DETAIL)
+    return decisions, BurstPass(org_id, counted)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,9 +149,11 @@ async def chat(
     temperature: float = 0.3,
     request_id: str,
     burst_per_minute: int | None = None,
+    burst_pass: BurstPass | None = None,
 ) -> ChatResult:
     """One metered chat completion. ``burst_per_minute``: the organization's limit when the caller has
     already read ``organization_limits`` (the widget has), to save a round trip; read here otherwise.
+    ``burst_pass``: the call was counted in advance by ``admit_burst``.
 
     Raises ``RateLimited``, ``BudgetExhausted``, ``ModelUnavailable`` (``UnknownModel`` for a model
     without a price), ``DependencyUnavailable`` when the database is down.
@@ -137,7 +205,7 @@ async def chat(
             return _Answer((completion.content, completion.tool_calls), prompt_tokens, completion_tokens)
 
     (content, tool_calls), recorded, usage_event_id = await _metered(
-        db, usage, estimate=estimate, burst_per_minute=burst_per_minute, call=call
+        db, usage, estimate=estimate, burst_per_minute=burst_per_minute, burst_pass=burst_pass, call=call
     )
     return ChatResult(
         content=content,
@@ -160,6 +228,7 @@ async def embed(
     texts: list[str],
     request_id: str,
     burst_per_minute: int | None = None,
+    burst_pass: BurstPass | None = None,
 ) -> list[list[float]] | None:
     """Embeddings of ``texts`` (``text-embedding-3-small``, 1536 dimensions), in order, metered.
 
@@ -193,7 +262,9 @@ async def embed(
         prompt_tokens, _ = _reported_usage(result.prompt_tokens, 0, bound, 0, usage)
         return _Answer(result.vectors, prompt_tokens, 0)
 
-    vectors, _, _ = await _metered(db, usage, estimate=estimate, burst_per_minute=burst_per_minute, call=call)
+    vectors, _, _ = await _metered(
+        db, usage, estimate=estimate, burst_per_minute=burst_per_minute, burst_pass=burst_pass, call=call
+    )
     return vectors
 
 
@@ -203,9 +274,12 @@ async def _metered(
     *,
     estimate: int,
     burst_per_minute: int | None,
+    burst_pass: BurstPass | None,
     call: Callable[[], Awaitable[_Answer[_T]]],
 ) -> tuple[_T, Usage, int]:
-    reservation_id = await _admit(db, usage, estimate=estimate, burst_per_minute=burst_per_minute)
+    reservation_id = await _admit(
+        db, usage, estimate=estimate, burst_per_minute=burst_per_minute, burst_pass=burst_pass
+    )
     started = time.perf_counter()
     try:
         answer = await call()
@@ -237,15 +311,19 @@ async def _metered(
     return answer.value, done, usage_event_id
 
 
-async def _admit(db: Database, usage: Usage, *, estimate: int, burst_per_minute: int | None) -> UUID:
-    """Burst limit, then the reservation; returns the reservation id."""
-    if burst_per_minute is None:
-        async with as_service(db) as conn:
-            limits = await budgets.load_limits(conn, usage.org_id)
-        if limits is None:
-            raise NotFound("This organization does not exist.")
-        burst_per_minute = limits.burst_per_minute
-    await _check_burst(usage, burst_per_minute)
+async def _admit(
+    db: Database, usage: Usage, *, estimate: int, burst_per_minute: int | None, burst_pass: BurstPass | None
+) -> UUID:
+    """Burst limit (or a pass that already counted this call), then the reservation; returns the
+    reservation id."""
+    if burst_pass is None or not burst_pass.use(usage.org_id):
+        if burst_per_minute is None:
+            async with as_service(db) as conn:
+                limits = await budgets.load_limits(conn, usage.org_id)
+            if limits is None:
+                raise NotFound("This organization does not exist.")
+            burst_per_minute = limits.burst_per_minute
+        await _check_burst(usage, burst_per_minute)
     try:
         return await budgets.reserve(db, org_id=usage.org_id, amount_microusd=estimate)
     except BudgetExhausted:
@@ -263,7 +341,7 @@ async def _check_burst(usage: Usage, limit: int) -> None:
         await enforce(
             RateLimitRule(BURST_BUCKET, limit, BURST_WINDOW_SECONDS),
             str(usage.org_id),
-            detail="Too many model calls for this organization; try again shortly.",
+            detail=BURST_DETAIL,
             unavailable_reason="burst-limit-unavailable",
             **{REQUEST_ID: usage.request_id, ORG_ID: str(usage.org_id), "model": usage.model},
         )

@@ -7,8 +7,10 @@
    and, for a valid token, the conversation and its recent history. No row: ``WidgetNotFound``.
 3. The origin policy (``cors.decide``); from here on every response, errors included, carries the
    CORS headers of an allowed origin.
-4. Rate limits in Redis: per visitor (the client address, per agent) and then per agent, each a 429
-   with ``Retry-After``. Redis unreachable: the per-agent limit is counted in Postgres instead.
+4. Rate limits in Redis: per visitor (the client address, per agent), a 429 with ``Retry-After``;
+   then, in one Redis request, per agent (a 429) and the organization's burst limit for the turn's
+   model calls (``gateway.admit_burst``; refused: ``AgentUnavailable``). Redis unreachable: the
+   per-agent limit is counted in Postgres instead, and each model call checks the burst limit itself.
 5. The conversation: a token that does not name a conversation of this agent, or a conversation id
    without its token, is ``ConversationNotFound``; closed or full conversations are 409s.
 6. Knowledge: the question's embedding through the gateway (none offline), then hybrid retrieval.
@@ -38,7 +40,7 @@ from shared.db.session import Database
 from shared.errors import BudgetExhausted, DomainError, ModelUnavailable, RateLimited
 from shared.gateway import WIDGET_TOOLS, ChatMessage, ChatResult
 from shared.logs import DECISION_REASON, ORG_ID, REQUEST_ID, log_event
-from shared.ratelimit import hit
+from shared.ratelimit import LimitCheck, RateLimitRule, hit
 from shared.redis import get_redis
 from shared.retrieval import RetrievedChunk, search_knowledge
 from shared.widget import cors, queries, visitor_tokens
@@ -181,9 +183,11 @@ async def chat(
     headers = decision.headers()
     with _with_headers(headers):
         # Limits first: a request with a bad token still counts, so guessing costs allowance too.
-        await _enforce_rate_limits(db, context, visitor_address_key(client_address), request_id)
+        burst_pass = await _enforce_rate_limits(db, context, visitor_address_key(client_address), request_id)
         conversation_id, visitor_id = _conversation(context, claims, token, request)
-        reply, status, items, result = await _answer(db, context, conversation_id, request.message, request_id)
+        reply, status, items, result = await _answer(
+            db, context, conversation_id, request.message, request_id, burst_pass
+        )
         stored = await queries.store_turn(
             db,
             conversation_id=conversation_id,
@@ -246,9 +250,21 @@ def _conversation(
     return context.conversation_id, claims.visitor_id
 
 
-async def _enforce_rate_limits(db: Database, context: queries.ChatContext, visitor: str, request_id: str) -> None:
-    """Per visitor first (a visitor who is refused does not use up the agent's allowance), then per agent."""
+async def _enforce_rate_limits(
+    db: Database, context: queries.ChatContext, visitor: str, request_id: str
+) -> gateway.BurstPass | None:
+    """Per visitor first (a visitor who is refused does not use up the agent's allowance); then per
+    agent and the organization's burst limit for this turn's model calls, in one Redis request.
+
+    Returns the pass for the model calls, or ``None`` when Redis is unreachable: the per-agent limit
+    is then counted in Postgres and each model call checks the burst limit on its own.
+    """
     redis = get_redis()
+    by_agent = LimitCheck(
+        RateLimitRule(AGENT_BUCKET, context.rpm_per_agent, RATE_WINDOW_SECONDS), str(context.agent_id)
+    )
+    # The embedding of the question is a second model call, made only with knowledge and a provider.
+    calls = 2 if context.has_knowledge and gateway.online() else 1
     try:
         by_visitor = await hit(
             redis,
@@ -257,17 +273,19 @@ async def _enforce_rate_limits(db: Database, context: queries.ChatContext, visit
             limit=context.rpm_per_visitor,
             window_seconds=RATE_WINDOW_SECONDS,
         )
-        by_agent = (
-            await hit(
-                redis,
-                bucket=AGENT_BUCKET,
-                identifier=str(context.agent_id),
-                limit=context.rpm_per_agent,
-                window_seconds=RATE_WINDOW_SECONDS,
+        admitted = (
+            await gateway.admit_burst(
+                org_id=context.org_id,
+                burst_per_minute=context.burst_per_minute,
+                calls=calls,
+                request_id=request_id,
+                preceded_by=[by_agent],
             )
             if by_visitor.allowed
             else None
         )
+    except RateLimited as limited:  # the organization's burst limit
+        raise AgentUnavailable(limited.retry_after_seconds) from None
     except Exception as exc:  # any failure of the limiter's store: count in Postgres instead
         _log(request_id, context.org_id, "widget rate limit counted in Postgres", "ratelimit-fallback", exc)
         recent = await queries.recent_visitor_messages(
@@ -275,20 +293,27 @@ async def _enforce_rate_limits(db: Database, context: queries.ChatContext, visit
         )
         if recent >= context.rpm_per_agent:
             raise RateLimited(RATE_WINDOW_SECONDS, RATE_LIMITED_AGENT) from None
-        return
-    if not by_visitor.allowed:
+        return None
+    if admitted is None:
         raise RateLimited(by_visitor.retry_after, RATE_LIMITED_VISITOR)
-    if by_agent is not None and not by_agent.allowed:
-        raise RateLimited(by_agent.retry_after, RATE_LIMITED_AGENT)
+    (agent_decision,), burst_pass = admitted
+    if not agent_decision.allowed:
+        raise RateLimited(agent_decision.retry_after, RATE_LIMITED_AGENT)
+    return burst_pass
 
 
 async def _answer(
-    db: Database, context: queries.ChatContext, conversation_id: UUID, message: str, request_id: str
+    db: Database,
+    context: queries.ChatContext,
+    conversation_id: UUID,
+    message: str,
+    request_id: str,
+    burst_pass: gateway.BurstPass | None,
 ) -> tuple[str, ReplyStatus, list[reviews.NewReviewItem], ChatResult | None]:
     """The reply, the conversation's new status, the review items to store with it, and the model
     call that wrote the reply (None when no model answered)."""
     try:
-        knowledge = await _knowledge(db, context, message, request_id)
+        knowledge = await _knowledge(db, context, message, request_id, burst_pass)
         result = await gateway.chat(
             db,
             org_id=context.org_id,
@@ -302,10 +327,11 @@ async def _answer(
             temperature=context.temperature,
             request_id=request_id,
             burst_per_minute=context.burst_per_minute,
+            burst_pass=burst_pass,
         )
     except BudgetExhausted:
         raise AgentUnavailable(BUDGET_RETRY_AFTER_SECONDS) from None
-    except RateLimited as limited:  # the organization's burst limit, inside the gateway
+    except RateLimited as limited:  # the burst limit, for a call without a pass (Redis was down)
         raise AgentUnavailable(limited.retry_after_seconds) from None
     except ModelUnavailable as failure:
         _log(request_id, context.org_id, "model failed; handed to the team", failure.type_slug)
@@ -327,7 +353,11 @@ async def _answer(
 
 
 async def _knowledge(
-    db: Database, context: queries.ChatContext, question: str, request_id: str
+    db: Database,
+    context: queries.ChatContext,
+    question: str,
+    request_id: str,
+    burst_pass: gateway.BurstPass | None,
 ) -> list[RetrievedChunk]:
     """Hybrid retrieval; full text alone offline or when the embedding call fails.
 
@@ -344,6 +374,7 @@ async def _knowledge(
             texts=[question],
             request_id=request_id,
             burst_per_minute=context.burst_per_minute,
+            burst_pass=burst_pass,
         )
     except ModelUnavailable as failure:
         _log(request_id, context.org_id, "embedding failed; full-text retrieval only", failure.type_slug)

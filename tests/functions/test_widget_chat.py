@@ -30,12 +30,12 @@ from shared.db.errors import map_db_errors
 from shared.db.pool import close_pools
 from shared.db.session import as_user, get_database
 from shared.gateway import CAPTURE_LEAD, ESCALATE, close_clients
-from shared.redis import close_redis
+from shared.redis import close_redis, get_redis
 from shared.settings import get_settings
 from shared.widget import visitor_tokens
 from shared.widget.schemas import MAX_CONVERSATION_MESSAGES, MAX_MESSAGE_CHARS
 from shared.widget.service import MODEL_FAILURE_REPLY
-from tests.conftest import Connection, TransactionDatabase, waits_for_the_server
+from tests.conftest import Connection, TransactionDatabase, counting_requests, waits_for_the_server
 from tests.factories import add_member, closed_port, create_agent, create_org, user_claims
 from tests.fakes.openai_server import FakeOpenAI, running_fake_openai
 
@@ -1187,7 +1187,10 @@ class TestRoundTrips:
         token = (await send(client, widget)).json()["visitor_token"]
         trace = tmp_path / "trace.txt"
 
-        with open(trace, "w") as sink:  # noqa: ASYNC230 - a local file for libpq to write to
+        with (
+            open(trace, "w") as sink,  # noqa: ASYNC230 - a local file for libpq to write to
+            counting_requests(get_redis()) as redis_requests,
+        ):
             db.pgconn.trace(sink.fileno())
             db.pgconn.set_trace_flags(psycopg.pq.Trace.SUPPRESS_TIMESTAMPS | psycopg.pq.Trace.REGRESS_MODE)
             try:
@@ -1197,6 +1200,8 @@ class TestRoundTrips:
 
         assert response.status_code == 200
         assert waits_for_the_server(trace.read_text()) == EXPECTED_ROUND_TRIPS[mode, knowledge], trace.read_text()
+        # The visitor's limit, then the agent's limit with the burst limit for every model call of the turn.
+        assert len(redis_requests) == 2, redis_requests
 
 
 # docs/widget.md explains each: one per transaction (begin, role, statement and commit are pipelined).

@@ -27,12 +27,14 @@ from shared.gateway import (
     ChatMessage,
     ChatResult,
     ToolCall,
+    admit_burst,
     chat,
     close_clients,
     embed,
 )
 from shared.gateway.offline import EXCERPT_INTRO, NO_MATCH_REPLY
 from shared.pricing import UnknownModel, cost_microusd
+from shared.ratelimit import LimitCheck, RateLimitRule, bucket_prefix
 from shared.redis import close_redis
 from shared.retrieval import RetrievedChunk
 from shared.settings import get_settings
@@ -442,6 +444,95 @@ class TestBurstLimit:
         with pytest.raises(BudgetExhausted):
             await ask(tdb, org, agent)
         assert online.requests == []
+
+
+class TestBurstPass:
+    """``admit_burst``: a request's calls counted in advance, with the caller's own limits, in one
+    Redis request; each call given the pass skips its own count."""
+
+    @staticmethod
+    def burst_count(direct_redis: redis.Redis, org_id: uuid.UUID) -> int:
+        return sum(
+            int(direct_redis.get(key) or 0) for key in direct_redis.scan_iter(match=f"hh:rl:{BURST_BUCKET}:{org_id}:*")
+        )
+
+    async def test_calls_with_a_pass_are_counted_once_in_advance_and_not_again(
+        self,
+        online: FakeOpenAI,
+        tdb: TransactionDatabase,
+        org: dict[str, Any],
+        agent: dict[str, Any],
+        direct_redis: redis.Redis,
+    ) -> None:
+        decisions, burst_pass = await admit_burst(org_id=org["id"], burst_per_minute=10, calls=2, request_id="req-pass")
+        assert decisions == []
+        assert burst_pass is not None
+        assert self.burst_count(direct_redis, org["id"]) == 2
+
+        await ask(tdb, org, agent, burst_per_minute=10, burst_pass=burst_pass)
+        await ask(tdb, org, agent, burst_per_minute=10, burst_pass=burst_pass)
+        assert self.burst_count(direct_redis, org["id"]) == 2, "the pass's calls were already counted"
+
+        await ask(tdb, org, agent, burst_per_minute=10, burst_pass=burst_pass)
+        assert self.burst_count(direct_redis, org["id"]) == 3, "a used-up pass counts the call as usual"
+        assert len(online.requests) == 3
+
+    @pytest.mark.usefixtures("online")
+    async def test_a_pass_is_good_only_for_its_own_organization(
+        self, tdb: TransactionDatabase, db: Connection, org: dict[str, Any], direct_redis: redis.Redis
+    ) -> None:
+        other = await create_org(db)
+        try:
+            _, burst_pass = await admit_burst(org_id=org["id"], burst_per_minute=10, calls=1, request_id="req-own")
+            assert burst_pass is not None
+            await ask(tdb, other, None, burst_per_minute=1, burst_pass=burst_pass)
+            with pytest.raises(RateLimited):
+                await ask(tdb, other, None, burst_per_minute=1, burst_pass=burst_pass)
+            assert burst_pass.calls_left == 1, "the other organization's calls did not use it"
+        finally:
+            _forget_burst_counts(direct_redis, other["id"])
+
+    async def test_the_burst_limit_refuses_a_request_whose_calls_do_not_fit(
+        self, org: dict[str, Any], direct_redis: redis.Redis, log_lines: list[str]
+    ) -> None:
+        _, first = await admit_burst(org_id=org["id"], burst_per_minute=3, calls=2, request_id="req-a")
+        assert first is not None
+
+        with pytest.raises(RateLimited) as raised:
+            await admit_burst(org_id=org["id"], burst_per_minute=3, calls=2, request_id="req-b")
+
+        assert 1 <= raised.value.retry_after_seconds <= 60
+        assert self.burst_count(direct_redis, org["id"]) == 3, (
+            "the call that fitted is used up: fewer calls, never more"
+        )
+        refused = [json.loads(line) for line in log_lines if "burst-limited" in line]
+        assert [(r["request_id"], r["org_id"]) for r in refused] == [("req-b", str(org["id"]))]
+
+    async def test_the_callers_own_refused_limit_comes_first_and_gets_no_pass(
+        self, org: dict[str, Any], direct_redis: redis.Redis
+    ) -> None:
+        own = LimitCheck(RateLimitRule(f"test-own-{uuid.uuid4().hex[:12]}", 1, 3600), "agent-1")
+        try:
+            (allowed,), granted = await admit_burst(
+                org_id=org["id"], burst_per_minute=10, calls=1, request_id="req-1", preceded_by=[own]
+            )
+            (refused,), withheld = await admit_burst(
+                org_id=org["id"], burst_per_minute=10, calls=1, request_id="req-2", preceded_by=[own]
+            )
+        finally:
+            keys = list(direct_redis.scan_iter(match=f"{bucket_prefix(own.rule.bucket)}:*"))
+            if keys:
+                direct_redis.delete(*keys)
+
+        assert (allowed.allowed, granted is not None) == (True, True)
+        assert (refused.allowed, withheld) == (False, None)
+        assert refused.retry_after >= 1
+        assert self.burst_count(direct_redis, org["id"]) == 2, "both limits are counted in the one request"
+
+    async def test_a_pass_never_covers_more_calls_than_the_limit_admits(self, org: dict[str, Any]) -> None:
+        _, burst_pass = await admit_burst(org_id=org["id"], burst_per_minute=1, calls=2, request_id="req-x")
+        assert burst_pass is not None
+        assert burst_pass.calls_left == 1
 
 
 class TestBudget:

@@ -12,9 +12,10 @@ import redis
 from upstash_redis.asyncio import Redis
 
 from shared.errors import RateLimited
-from shared.ratelimit import RateLimitRule, bucket_prefix, check, enforce, hit
+from shared.ratelimit import LimitCheck, RateLimitRule, bucket_prefix, check, enforce, hit, hit_many
 from shared.redis import close_redis
 from shared.settings import get_settings
+from tests.conftest import counting_requests
 from tests.factories import closed_port
 
 # Long windows keep a test from straddling a window boundary; the last test uses a short one on purpose.
@@ -102,6 +103,40 @@ class TestHit:
     ) -> None:
         with pytest.raises(ValueError, match=r"rate-limit|rate limit"):
             await hit(upstash, bucket=bucket_name, identifier=identifier, limit=limit, window_seconds=window_seconds)
+
+
+class TestHitMany:
+    async def test_several_limits_are_counted_in_one_request_each_on_its_own(
+        self, upstash: Redis, bucket: str, direct_redis: redis.Redis
+    ) -> None:
+        other = f"{bucket}-other"
+        tight, loose = RateLimitRule(bucket, 1, HOUR), RateLimitRule(other, 5, HOUR)
+        checks = [LimitCheck(tight, "a"), LimitCheck(loose, "a"), LimitCheck(loose, "a")]
+        try:
+            with counting_requests(upstash) as requests:
+                first = await hit_many(upstash, checks)
+                second = await hit_many(upstash, checks)
+            remaining_loose = (await hit(upstash, bucket=other, identifier="a", limit=5, window_seconds=HOUR)).remaining
+        finally:
+            keys = list(direct_redis.scan_iter(match=f"{bucket_prefix(other)}:*"))
+            if keys:
+                direct_redis.delete(*keys)
+
+        assert len(requests) == 2, "one request per hit_many, whatever the number of checks"
+        assert [(d.allowed, d.remaining) for d in first] == [(True, 0), (True, 4), (True, 3)]
+        # The tight limit refuses; the loose one still counts: each check is its own.
+        assert [(d.allowed, d.remaining) for d in second] == [(False, 0), (True, 2), (True, 1)]
+        assert second[0].retry_after >= 1
+        assert remaining_loose == 0
+
+    async def test_no_checks_make_no_request(self, upstash: Redis) -> None:
+        with counting_requests(upstash) as requests:
+            assert await hit_many(upstash, []) == []
+        assert requests == []
+
+    def test_a_malformed_check_is_refused_before_redis(self, bucket: str) -> None:
+        with pytest.raises(ValueError, match="identifier"):
+            LimitCheck(RateLimitRule(bucket, 1, HOUR), "")
 
 
 class TestRule:

@@ -16,8 +16,9 @@ The load generator keeps ``concurrency`` clients busy; each client continues its
 its visitor token for up to 40 turns, then opens a new one. Limits are raised so none refuses.
 Reported per endpoint and concurrency: median and p99 latency, requests per second, and the ratios
 chat / baseline (target: median under 2x). Two agents are measured: one with knowledge (the full
-production path: embedding, hybrid retrieval, chat, 28 database round trips) and one without
-(no embedding or retrieval, 16 round trips). Last, the 404 answers for unknown, disabled and
+production path: embedding, hybrid retrieval, chat; 7 database round trips, 2 Redis requests, 2
+model requests) and one without (no embedding or retrieval; 4 round trips, 2 Redis requests, 1 model
+request). Last, the 404 answers for unknown, disabled and
 rotated-out keys are timed, interleaved, to show there is no timing oracle worth the name.
 
 From the repo root (needs redis-server on 127.0.0.1:6379):

@@ -1,9 +1,10 @@
 """The review queue's way in: escalations (with a drafted reply) and captured leads.
 
 Items are built and validated here, then inserted by the server (``service_role``) in the caller's
-transaction. The database does the rest (``*_create_review_queue.sql``): every item enters as
-``open`` and a trigger writes its first status-history row; members work the queue from the
-dashboard, and each status change is checked and recorded in SQL.
+transaction. The database does the rest (``*_create_review_queue.sql``, with the first status
+renamed by ``*_rename_review_status_open_to_pending.sql``): every item enters as ``pending`` and a
+trigger writes its first status-history row; members work the queue from the dashboard, and each
+status change is checked and recorded in SQL.
 
 A lead is stored only with a contact the team can use: a syntactically valid email address and/or
 a phone number of 7 to 15 digits. A tool call whose details are all invalid creates nothing (and
@@ -161,7 +162,7 @@ async def create_review_items(
     conversation_id: UUID | None,
     items: Sequence[NewReviewItem],
 ) -> list[UUID]:
-    """Insert ``items`` (status ``open``; the trigger writes their history) and return their ids, in order."""
+    """Insert ``items`` (status ``pending``; the trigger writes their history) and return their ids, in order."""
     if not items:
         return []
     params = {"org_id": org_id, "agent_id": agent_id, "conversation_id": conversation_id, "items": as_records(items)}

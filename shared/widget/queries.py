@@ -106,7 +106,7 @@ select count(*)::int as n
 
 # One round trip for everything the chat path writes: the conversation (opened, or marked
 # escalated), the visitor's message and the reply, and the review items. An escalation is skipped
-# while the conversation already has one open or in progress, so a visitor repeating "a human
+# while the conversation already has one pending or in progress, so a visitor repeating "a human
 # please" does not fill the queue. Messages and items keep their array order (ordinality).
 _STORE_TURN = """
 with conversation as (
@@ -147,7 +147,7 @@ items as (
           from public.review_items as r
          where r.conversation_id = v.id
            and r.kind = 'escalation'
-           and r.status in ('open', 'in_progress')
+           and r.status in ('pending', 'in_progress')
       )
    order by i.n
   returning id

@@ -797,7 +797,7 @@ class TestModelFailures:
             widget.org["id"],
         )
         assert item["kind"] == "escalation"
-        assert item["status"] == "open"
+        assert item["status"] == "pending"
         assert item["payload"]["reason"] == "model_unavailable"
         assert item["payload"]["summary"] == "Can I change my delivery address?"
         assert str(item["conversation_id"]) == body["conversation_id"]
@@ -845,7 +845,7 @@ class TestToolCalls:
             "select from_status, to_status from public.review_item_status_history where review_item_id = %s",
             item["id"],
         )
-        assert history == [{"from_status": None, "to_status": "open"}]
+        assert history == [{"from_status": None, "to_status": "pending"}]
 
     async def test_repeated_escalations_of_one_conversation_make_one_item(
         self, db: Connection, online: FakeOpenAI, client: httpx.AsyncClient, make_widget: Callable[..., Any]

@@ -115,7 +115,7 @@ class TestItems:
 
 
 class TestCreate:
-    async def test_items_enter_open_with_history_and_members_work_them(self, db: Connection) -> None:
+    async def test_items_enter_pending_with_history_and_members_work_them(self, db: Connection) -> None:
         org = await create_org(db)
         agent = await create_agent(db, org)
         member = await add_member(db, org)
@@ -134,7 +134,7 @@ class TestCreate:
             rows = await (
                 await conn.execute("select id, kind, status from public.review_items where id = any(%s)", (ids,))
             ).fetchall()
-            assert {(r["kind"], r["status"]) for r in rows} == {("escalation", "open"), ("lead", "open")}
+            assert {(r["kind"], r["status"]) for r in rows} == {("escalation", "pending"), ("lead", "pending")}
             await conn.execute("update public.review_items set status = 'in_progress' where id = %s", (ids[0],))
             history = await (
                 await conn.execute(
@@ -143,7 +143,7 @@ class TestCreate:
                     (ids[0],),
                 )
             ).fetchall()
-        assert [(h["from_status"], h["to_status"]) for h in history] == [(None, "open"), ("open", "in_progress")]
+        assert [(h["from_status"], h["to_status"]) for h in history] == [(None, "pending"), ("pending", "in_progress")]
         assert history[1]["changed_by"] == member["id"]
 
     async def test_an_illegal_transition_is_a_conflict(self, db: Connection) -> None:

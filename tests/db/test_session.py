@@ -7,6 +7,7 @@ test's own transaction, where a transaction is a savepoint.
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import uuid
 from collections.abc import AsyncIterator
@@ -135,3 +136,29 @@ async def test_inside_a_test_transaction_a_failure_rolls_back_to_its_savepoint(d
         await db.execute("select name from public.organizations where name = any(%s) order by name", ([kept, lost],))
     ).fetchall()
     assert rows == [{"name": kept}], "the outer transaction goes on; only the failed savepoint was undone"
+
+
+async def test_a_cancelled_transaction_leaves_nothing_behind_and_the_pool_usable(admin: Connection) -> None:
+    name = unique_name()
+
+    async def slow() -> None:
+        async with as_service(get_database()) as conn:
+            await conn.execute(_INSERT_ORG, {"name": name})
+            await (await conn.execute("select pg_sleep(5)")).fetchone()
+
+    task = asyncio.create_task(slow())
+    await asyncio.sleep(0.3)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+    assert await run_as_service(get_database(), "select 1 as n", {}) == [{"n": 1}]
+    assert await organizations_named(admin, name) == 0
+    row = await (
+        await admin.execute(
+            "select count(*)::int as n from pg_stat_activity where query like %s and state <> 'idle'",
+            ("%pg_sleep(5)%",),
+        )
+    ).fetchone()
+    assert row is not None
+    assert row["n"] == 0, "the cancelled statement does not keep running on the server"

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import hashlib
 import json
 import random
@@ -177,11 +178,18 @@ class FakeOpenAI:
 
 
 def unit_vector(text: str, dimensions: int = 1536) -> list[float]:
-    """A deterministic pseudo-random unit vector for ``text``."""
+    """A deterministic pseudo-random unit vector for ``text`` (a fresh list each time)."""
+    return list(_unit_vector(text, dimensions))
+
+
+@functools.lru_cache(maxsize=1024)
+def _unit_vector(text: str, dimensions: int) -> tuple[float, ...]:
+    # Cached so that the fake answers a repeated text at once, as the widget bench needs of an
+    # "instantly answering" model: drawing 1536 Gaussians costs about a millisecond.
     rng = random.Random(hashlib.sha256(text.encode()).digest())
     raw = [rng.gauss(0.0, 1.0) for _ in range(dimensions)]
     norm = sum(x * x for x in raw) ** 0.5
-    return [x / norm for x in raw]
+    return tuple(x / norm for x in raw)
 
 
 def _error(status: int, message: str, kind: str) -> JSONResponse:

@@ -764,6 +764,36 @@ class TestBudgetAndBurst:
         assert problem(refused)["type"].endswith("/agent-unavailable")
         assert int(refused.headers["retry-after"]) >= 1
 
+    @pytest.mark.parametrize(("knowledge", "calls"), [(False, 1), (True, 2)])
+    async def test_a_turn_counts_each_of_its_model_calls_against_the_burst_limit_once(
+        self,
+        knowledge: bool,
+        calls: int,
+        db: Connection,
+        online: FakeOpenAI,
+        client: httpx.AsyncClient,
+        make_widget: Callable[..., Any],
+        direct_redis: redis.Redis,
+    ) -> None:
+        widget = await make_widget()
+        if knowledge:
+            await (await superuser(db)).execute(
+                "insert into public.knowledge_chunks (org_id, agent_id, title, content) values (%s, %s, 'Repairs', %s)",
+                (widget.org["id"], widget.agent["id"], "We repair e-bikes of every brand."),
+            )
+        pattern = f"hh:rl:model-burst:{widget.org['id']}:*"
+        try:
+            response = await send(client, widget, "Do you repair e-bikes?")
+            counted = sum(int(direct_redis.get(key) or 0) for key in direct_redis.scan_iter(match=pattern))
+        finally:
+            keys = list(direct_redis.scan_iter(match=pattern))
+            if keys:
+                direct_redis.delete(*keys)
+
+        assert response.status_code == 200
+        assert len(online.requests) == calls, "an embedding of the question, with knowledge, then the reply"
+        assert counted == calls, "counted once, in advance, and not again by the calls themselves"
+
 
 class TestModelFailures:
     @pytest.mark.parametrize("failure", ["error", "timeout"])

@@ -1,6 +1,6 @@
 """Rate limits: how many hits a (bucket, identifier) pair may make per window, counted in Redis.
 
-A bucket names one limit ("widget-agent", "org-burst"); the identifier is what is limited within it
+A bucket names one limit ("widget-agent", "model-burst"); the identifier is what is limited within it
 (an agent id, an organization id, an address). Keys are ``hh:rl:<bucket>:<identifier>:<window>``.
 
 Algorithm: upstash-ratelimit's sliding window. A fixed window lets a client spend its whole limit
@@ -8,8 +8,9 @@ at the end of one window and again at the start of the next, twice the limit wit
 which is exactly the burst these limits exist to stop. A sliding window counts the current window
 plus the previous one weighted by how much of it still overlaps the last ``window_seconds``, so no
 stretch of ``window_seconds`` admits much more than ``limit``. It costs the same as a fixed window:
-two counters per identifier and one script call (one HTTP round trip) per hit, atomic in Redis, and
-it keeps the "N per window" meaning a limit is configured with, which a token bucket would not.
+two counters per identifier and one script call per hit, atomic in Redis, and it keeps the "N per
+window" meaning a limit is configured with, which a token bucket would not. ``hit_many`` sends the
+script calls of several hits in one HTTP request.
 
 This module decides; it raises no HTTP error. The caller turns a denial into
 ``shared.errors.RateLimited(decision.retry_after)``. Redis failures propagate (``UpstashError``,

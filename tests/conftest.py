@@ -13,6 +13,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import re
 import secrets
 import tempfile
 import uuid
@@ -228,6 +229,15 @@ def counting_requests(client: Redis) -> Iterator[list[str]]:
         yield paths
     finally:
         http.event_hooks["request"].remove(record)
+
+
+_GENERATED_IDS = re.compile(r"req_[0-9a-f]+|[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def without_generated_ids(text: str) -> str:
+    """``text`` with request ids and UUIDs masked: random hex that may contain "4242" by chance,
+    which a search for a card's last four digits must not mistake for an echo of the card."""
+    return _GENERATED_IDS.sub("<id>", text)
 
 
 def waits_for_the_server(trace: str) -> int:

@@ -14,12 +14,14 @@ Everything runs on this machine, each server in its own process so no two share 
 
 The load generator keeps ``concurrency`` clients busy; each client continues its conversation with
 its visitor token for up to 40 turns, then opens a new one. Limits are raised so none refuses.
-Reported per endpoint and concurrency: median and p99 latency, requests per second, and the ratios
-chat / baseline (target: median under 2x). Two agents are measured: one with knowledge (the full
+Baseline and chat run in alternating blocks (``--blocks``), so a change in the machine's load hits
+both alike. Reported per endpoint and concurrency: median and p99 latency, requests per second, the
+CPU time the endpoint's server process spent per request (from ``/proc``), and the ratios chat /
+baseline (target: median under 2x). Two agents are measured: one with knowledge (the full
 production path: embedding, hybrid retrieval, chat; 7 database round trips, 2 Redis requests, 2
-model requests) and one without (no embedding or retrieval; 4 round trips, 2 Redis requests, 1 model
-request). Last, the 404 answers for unknown, disabled and
-rotated-out keys are timed, interleaved, to show there is no timing oracle worth the name.
+model requests) and one without (no embedding or retrieval; 4 round trips, 2 Redis requests, 1
+model request). Last, the 404 answers for unknown, disabled and rotated-out keys are timed,
+interleaved, to show there is no timing oracle worth the name.
 
 From the repo root (needs redis-server on 127.0.0.1:6379):
 
@@ -223,10 +225,21 @@ def build_database() -> Fixture:
 # -- load -----------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass
 class Result:
     latencies: list[float]
     wall: float
+    cpu_seconds: float = 0.0
+    """CPU time the endpoint's server process spent while the requests were measured."""
+
+    def add(self, other: Result) -> None:
+        self.latencies += other.latencies
+        self.wall += other.wall
+        self.cpu_seconds += other.cpu_seconds
+
+    @property
+    def cpu_ms_per_request(self) -> float:
+        return self.cpu_seconds * 1000 / len(self.latencies)
 
     @property
     def median_ms(self) -> float:
@@ -267,17 +280,41 @@ async def _baseline_client(http: httpx.AsyncClient, url: str, count: int, latenc
         response.raise_for_status()
 
 
-async def load(url: str, *, chat: bool, requests: int, concurrency: int) -> Result:
+def process_cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of process ``pid`` so far (Linux ``/proc``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def load(url: str, *, chat: bool, requests: int, concurrency: int, server_pid: int) -> Result:
     per_client = max(1, requests // concurrency)
     latencies: list[float] = []
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(limits=limits, timeout=60, trust_env=False) as http:
         client = _chat_client if chat else _baseline_client
         await asyncio.gather(*(client(http, url, min(per_client, 10), []) for _ in range(concurrency)))  # warm-up
+        cpu_before = process_cpu_seconds(server_pid)
         started = time.perf_counter()
         await asyncio.gather(*(client(http, url, per_client, latencies) for _ in range(concurrency)))
         wall = time.perf_counter() - started
-    return Result(latencies, wall)
+        cpu = process_cpu_seconds(server_pid) - cpu_before
+    return Result(latencies, wall, cpu)
+
+
+def side_by_side(
+    baseline_url: str, chat_url: str, *, requests: int, concurrency: int, blocks: int, pids: tuple[int, int]
+) -> tuple[Result, Result]:
+    """Baseline and chat in alternating blocks, so a change in the machine's load hits both alike."""
+    base, chat = Result([], 0.0), Result([], 0.0)
+    per_block = max(concurrency, requests // blocks)
+    for _ in range(blocks):
+        base.add(
+            asyncio.run(load(baseline_url, chat=False, requests=per_block, concurrency=concurrency, server_pid=pids[0]))
+        )
+        chat.add(
+            asyncio.run(load(chat_url, chat=True, requests=per_block, concurrency=concurrency, server_pid=pids[1]))
+        )
+    return base, chat
 
 
 async def not_found_timing(base: str, fixture: Fixture, rounds: int) -> dict[str, float]:
@@ -305,6 +342,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=400, help="measured requests per endpoint and concurrency")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 50])
     parser.add_argument("--not-found-rounds", type=int, default=300)
+    parser.add_argument("--blocks", type=int, default=4, help="alternating baseline/chat blocks per row")
     args = parser.parse_args()
 
     fixture = build_database()
@@ -330,8 +368,11 @@ def main() -> None:
         widget_base = f"http://127.0.0.1:{widget_port}"
         baseline_url = f"http://127.0.0.1:{baseline_port}/baseline"
 
-        print(f"cpus: {os.cpu_count()}; measured requests per row: {args.requests}; model: loopback, instant")
-        header = f"{'agent':<18}{'clients':>8}{'endpoint':>10}{'median ms':>11}{'p99 ms':>9}{'req/s':>9}"
+        print(
+            f"cpus: {os.cpu_count()}; measured requests per row: {args.requests}, in {args.blocks} blocks "
+            "alternating with the baseline; model: loopback, instant"
+        )
+        header = f"{'agent':<18}{'clients':>8}{'endpoint':>10}{'median ms':>11}{'p99 ms':>9}{'req/s':>9}{'cpu ms':>8}"
         print(header)
         print("-" * len(header))
         ratios = []
@@ -340,19 +381,18 @@ def main() -> None:
             ("without knowledge", fixture.without_knowledge),
         ):
             for concurrency in args.concurrency:
-                base = asyncio.run(load(baseline_url, chat=False, requests=args.requests, concurrency=concurrency))
-                chat = asyncio.run(
-                    load(
-                        f"{widget_base}/api/widget/{key}/chat",
-                        chat=True,
-                        requests=args.requests,
-                        concurrency=concurrency,
-                    )
+                base, chat = side_by_side(
+                    baseline_url,
+                    f"{widget_base}/api/widget/{key}/chat",
+                    requests=args.requests,
+                    concurrency=concurrency,
+                    blocks=args.blocks,
+                    pids=(baseline.pid or 0, widget.pid or 0),
                 )
                 for name, result in (("baseline", base), ("chat", chat)):
                     print(
-                        f"{label:<18}{concurrency:>8}{name:>10}"
-                        f"{result.median_ms:>11.2f}{result.p99_ms:>9.2f}{result.rps:>9.0f}"
+                        f"{label:<18}{concurrency:>8}{name:>10}{result.median_ms:>11.2f}{result.p99_ms:>9.2f}"
+                        f"{result.rps:>9.0f}{result.cpu_ms_per_request:>8.2f}"
                     )
                 ratios.append(
                     (
@@ -361,12 +401,13 @@ def main() -> None:
                         chat.median_ms / base.median_ms,
                         chat.p99_ms / base.p99_ms,
                         chat.rps / base.rps,
+                        chat.cpu_ms_per_request / base.cpu_ms_per_request,
                     )
                 )
         print()
-        print(f"{'agent':<18}{'clients':>8}{'median x':>10}{'p99 x':>8}{'req/s x':>9}   (chat / baseline)")
-        for label, concurrency, median, p99, rps in ratios:
-            print(f"{label:<18}{concurrency:>8}{median:>10.2f}{p99:>8.2f}{rps:>9.2f}")
+        print(f"{'agent':<18}{'clients':>8}{'median x':>10}{'p99 x':>8}{'req/s x':>9}{'cpu x':>8}   (chat / baseline)")
+        for label, concurrency, median, p99, rps, cpu in ratios:
+            print(f"{label:<18}{concurrency:>8}{median:>10.2f}{p99:>8.2f}{rps:>9.2f}{cpu:>8.2f}")
 
         timings = asyncio.run(not_found_timing(widget_base, fixture, args.not_found_rounds))
         print()

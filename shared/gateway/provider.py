@@ -13,8 +13,13 @@ module, so it cannot reach a visitor.
 
 from __future__ import annotations
 
+import array
 import asyncio
+import base64
+import binascii
 import contextlib
+import json
+import sys
 import weakref
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -170,18 +175,32 @@ async def complete(
 
 
 async def embed(config: ProviderConfig, *, model: str, texts: list[str], dimensions: int) -> Embeddings:
-
+    # As for chat, the SDK's raw `post` (errors and timeouts still the SDK's): the typed
+    # `embeddings.create` costs about twice the CPU of the whole request. The vectors come as
+    # base64 little-endian float32, decoded the way the SDK itself decodes them.
     client = _client(config)
     async with _provider_call(config):
-        response = await client.embeddings.create(model=model, input=texts)
+        raw = await client.post(
+            "/embeddings",
+            cast_to=bytes,
+            body={"model": model, "input": texts, "encoding_format": "base64"},
+        )
 
     try:
-        ordered = sorted(response.data, key=lambda item: item.index)
-        vectors = [[float(x) for x in item.embedding] for item in ordered]
-        usage = response.usage
-        prompt_tokens = usage.prompt_tokens if usage is not None else None
-    except (AttributeError, IndexError, KeyError, TypeError, ValueError):
+        payload = json.loads(raw)
+        ordered = sorted(payload["data"], key=lambda item: item["index"])
+        vectors = [_float32s(item["embedding"]) for item in ordered]
+        usage = payload.get("usage")
+        prompt_tokens = int(usage["prompt_tokens"]) if isinstance(usage, dict) else None
+    except (AttributeError, IndexError, KeyError, TypeError, ValueError, binascii.Error):
         raise ProviderFailure("error", "model-malformed-response") from None
     if len(vectors) != len(texts) or any(len(v) != dimensions for v in vectors):
         raise ProviderFailure("error", "model-malformed-response")
     return Embeddings(vectors, prompt_tokens)
+
+
+def _float32s(encoded: str) -> list[float]:
+    values = array.array("f", base64.b64decode(encoded, validate=True))
+    if sys.byteorder != "little":  # pragma: no cover - the wire format is little-endian
+        values.byteswap()
+    return values.tolist()

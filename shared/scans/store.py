@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from shared.db.session import Connection, Database, as_service, jsonb
-from shared.retrieval import vector_literal
+from shared.retrieval import VECTOR_PARAMETER
 
 
 class LeaseLost(Exception):
@@ -134,11 +134,11 @@ update public.scans
 returning id
 """  # noqa: S608 - _FENCE is a constant
 
-_STAGE: Final = """
+_STAGE: Final = f"""
 insert into private.scan_chunks (scan_id, org_id, url, title, content, content_hash, page_hash, embedding)
 values (%(scan_id)s, %(org_id)s, %(url)s, %(title)s, %(content)s, %(content_hash)s, %(page_hash)s,
-        %(embedding)s::text::extensions.vector(1536))
-"""
+        {VECTOR_PARAMETER})
+"""  # noqa: S608 - VECTOR_PARAMETER is a constant
 
 _FINISH: Final = f"""
 update public.scans
@@ -213,7 +213,7 @@ async def _stage(conn: Connection, state: ScanState, chunks: list[StagedChunk]) 
                     "content": chunk.content,
                     "content_hash": chunk.content_hash,
                     "page_hash": chunk.page_hash,
-                    "embedding": vector_literal(chunk.embedding) if chunk.embedding is not None else None,
+                    "embedding": chunk.embedding,
                 }
                 for chunk in chunks
             ],

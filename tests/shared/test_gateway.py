@@ -727,6 +727,25 @@ class TestEmbeddings:
         [row] = await usage_rows(db, org["id"])
         assert (row["kind"], row["outcome"], row["cost_microusd"]) == ("embedding", "error", 0)
 
+    @pytest.mark.parametrize(
+        "body",
+        [
+            {"data": [{"index": 0, "embedding": "not base64!"}], "usage": {"prompt_tokens": 1}},
+            {"data": [{"index": 0, "embedding": "AAAA"}], "usage": {"prompt_tokens": 1}},  # 3 bytes
+            {"data": [{"index": 0, "embedding": [0.1, 0.2]}]},
+            {"data": "nothing"},
+            {"object": "list"},
+        ],
+    )
+    async def test_a_malformed_answer_is_an_error_and_costs_nothing(
+        self, body: dict[str, Any], online: FakeOpenAI, tdb: TransactionDatabase, db: Connection, org: dict[str, Any]
+    ) -> None:
+        online.raw_body = body
+        with pytest.raises(ModelUnavailable):
+            await embed(tdb, org_id=org["id"], agent_id=None, scan_id=None, texts=["x y"], request_id="r")
+        [row] = await usage_rows(db, org["id"])
+        assert (row["kind"], row["outcome"], row["cost_microusd"]) == ("embedding", "error", 0)
+
     async def test_nothing_to_embed_makes_no_call(
         self, online: FakeOpenAI, tdb: TransactionDatabase, db: Connection, org: dict[str, Any]
     ) -> None:

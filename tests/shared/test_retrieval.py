@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from shared.retrieval import RRF_K, RetrievedChunk, search_knowledge, vector_literal
+from shared.retrieval import RRF_K, RetrievedChunk, search_knowledge
 from tests.conftest import Connection, TransactionDatabase
 from tests.factories import create_agent, create_org
 
@@ -33,7 +33,14 @@ async def add_chunk(
     cur = await conn.execute(
         "insert into public.knowledge_chunks (org_id, agent_id, url, title, content, embedding)"
         " values (%s, %s, %s, %s, %s, %s::extensions.vector) returning id",
-        (agent["org_id"], agent["id"], url, title, content, vector_literal(embedding) if embedding else None),
+        (
+            agent["org_id"],
+            agent["id"],
+            url,
+            title,
+            content,
+            f"[{','.join(map(str, embedding))}]" if embedding else None,
+        ),
     )
     row = await cur.fetchone()
     assert row is not None

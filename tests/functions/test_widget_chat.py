@@ -801,6 +801,9 @@ class TestBudgetAndBurst:
         assert counted == calls, "counted once, in advance, and not again by the calls themselves"
 
 
+GENERATED_FIELDS = ("conversation_id", "visitor_token", "visitor_token_expires_at")
+
+
 class TestModelFailures:
     @pytest.mark.parametrize("failure", ["error", "timeout"])
     async def test_a_failing_model_gives_a_friendly_reply_and_an_escalation_at_no_cost(
@@ -825,8 +828,10 @@ class TestModelFailures:
         body = response.json()
         assert body["reply"] == MODEL_FAILURE_REPLY
         assert body["status"] == "handed_to_team"
+        # Everything but the generated ids and the token, whose random characters may spell "500".
+        visible = json.dumps({k: v for k, v in body.items() if k not in GENERATED_FIELDS})
         for leak in ("server had an error", "Traceback", "openai", "500", "timed out"):
-            assert leak not in response.text
+            assert leak not in visible
         [item] = await rows(
             db,
             "select kind, status, payload, conversation_id from public.review_items where org_id = %s",

@@ -2,7 +2,8 @@
 
 Each opens one transaction and sets its own role and JWT claims with ``set_config(..., true)``,
 transaction-local as PostgREST does it, so nothing leaks to the next user of a pooled
-connection. Domain functions receive the connection and never commit, open a pool or set a role.
+connection. Domain functions receive the connection (or, for one statement in its own transaction,
+the ``Database``, and go through ``run_as_service``) and never commit, open a pool or set a role.
 
 Transactions run in libpq's pipeline mode: ``BEGIN``, the role and claims, the caller's statements
 and ``COMMIT`` are sent without waiting for each answer, and the client waits only when it needs a
@@ -82,7 +83,7 @@ _savepoint_numbers = itertools.count()
 
 
 @asynccontextmanager
-async def pipelined_transaction(conn: Connection) -> AsyncIterator[None]:
+async def _pipelined_transaction(conn: Connection) -> AsyncIterator[None]:
     """A transaction on ``conn`` in pipeline mode; a savepoint when ``conn`` is already in one (tests).
 
     psycopg's own ``conn.transaction()`` syncs the pipeline when it begins and ends, which is the
@@ -116,7 +117,7 @@ async def pipelined_transaction(conn: Connection) -> AsyncIterator[None]:
 async def _as_role(db: Database, role: str, claims: Mapping[str, Any]) -> AsyncIterator[Connection]:
     async with db.connection() as conn:
         with map_db_errors():
-            async with pipelined_transaction(conn):
+            async with _pipelined_transaction(conn):
                 await conn.execute(
                     _ENTER,
                     {"search_path": _SEARCH_PATH, "role": role, "claims": json.dumps({**claims, "role": role})},

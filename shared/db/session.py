@@ -5,12 +5,13 @@ transaction-local as PostgREST does it, so nothing leaks to the next user of a p
 connection. Domain functions receive the connection (or, for one statement in its own transaction,
 the ``Database``, and go through ``run_as_service``) and never commit, open a pool or set a role.
 
-Transactions run in libpq's pipeline mode: ``BEGIN``, the role and claims, the caller's statements
-and ``COMMIT`` are sent without waiting for each answer, and the client waits only when it needs a
-result (a fetch) and once at the end. A transaction whose statement is fetched inside the block
-costs two round trips instead of four. A single statement in its own transaction goes through
-``run_as_service``, which reads the rows only after the commit: one round trip. The domain
-functions on the widget's path are one statement each and take the ``Database`` for that reason.
+Transactions run in libpq's pipeline mode (``_pipelined_transaction``): the role and claims and the
+caller's statements are sent without waiting for each answer, and the client waits only when it
+needs a result (a fetch) and once at the end, when the transaction commits. A transaction whose
+statement is fetched inside the block costs two round trips instead of four. A single statement in
+its own transaction goes through ``run_as_service``, which reads the rows only after the commit:
+one round trip. The domain functions on the widget's path are one statement each and take the
+``Database`` for that reason.
 
 The price of pipelining: a failing statement that is never fetched raises when the block ends,
 not where it was executed, so code inside a transaction must not catch database errors to carry
@@ -84,30 +85,43 @@ _savepoint_numbers = itertools.count()
 
 @asynccontextmanager
 async def _pipelined_transaction(conn: Connection) -> AsyncIterator[None]:
-    """A transaction on ``conn`` in pipeline mode; a savepoint when ``conn`` is already in one (tests).
+    """One transaction on ``conn``, in pipeline mode.
 
-    psycopg's own ``conn.transaction()`` syncs the pipeline when it begins and ends, which is the
-    waiting this exists to avoid, so the transaction commands are sent as plain statements.
+    On an idle connection the transaction is the pipeline itself. PostgreSQL runs the
+    extended-protocol messages up to a Sync as one transaction when no ``BEGIN`` opened one ("Sync
+    causes the backend to close the current transaction if it's not inside a BEGIN/COMMIT
+    transaction block", protocol docs, Extended Query), and psycopg sends the Sync when the pipeline
+    ends, never in between: a fetch inside only flushes. So no ``BEGIN`` or ``COMMIT`` is sent, and
+    a failed statement aborts everything up to the Sync. An exception raised in the block sends
+    ``ROLLBACK`` first, so the Sync cannot commit half a transaction. psycopg's own
+    ``conn.transaction()`` would sync the pipeline when it begins and ends, which is the waiting this
+    exists to avoid. A connection already in a transaction (the tests') gets a savepoint instead.
     """
     from psycopg.pq import TransactionStatus
 
     if conn.info.transaction_status == TransactionStatus.IDLE:
-        begin, commit, rollback = "begin", "commit", "rollback"
+        begin, commit, rollback = None, None, "rollback"
     else:
         name = f"hh_transaction_{next(_savepoint_numbers)}"
         begin, commit, rollback = f"savepoint {name}", f"release savepoint {name}", f"rollback to savepoint {name}"
-    started = False
     try:
         async with conn.pipeline():
-            await conn.execute(begin)
-            started = True
-            yield
-            await conn.execute(commit)
+            if begin is not None:
+                await conn.execute(begin)
+            try:
+                yield
+            except BaseException:
+                # After a failed statement the server skips this too, up to the Sync, which then ends
+                # the failed transaction; psycopg reports the skipped command, which adds nothing.
+                with contextlib.suppress(Exception):
+                    await conn.execute(rollback)
+                raise
+            if commit is not None:
+                await conn.execute(commit)
     except BaseException:
-        # A failed statement leaves the transaction aborted, and commands sent after it were skipped:
-        # roll back here so the connection goes back to the pool (or the test) clean. If even that
-        # fails, the original error matters more and the pool discards a broken connection.
-        if started and conn.info.transaction_status in (TransactionStatus.INTRANS, TransactionStatus.INERROR):
+        # A savepoint outlives the Sync: once the pipeline has synced, undo what a failed statement
+        # left aborted so the enclosing transaction can go on.
+        if begin is not None and conn.info.transaction_status == TransactionStatus.INERROR:
             with contextlib.suppress(Exception):
                 await conn.execute(rollback)
         raise

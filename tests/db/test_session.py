@@ -75,6 +75,22 @@ async def test_a_failing_statement_rolls_back_what_came_before_it(admin: Connect
     assert await run_as_service(get_database(), "select 1 as n", {}) == [{"n": 1}], "the connection is usable again"
 
 
+async def test_statements_read_one_by_one_still_commit_or_fail_together(admin: Connection) -> None:
+    # Each fetch flushes the pipeline and waits; only the end of the block syncs, and the Sync is
+    # what ends the transaction.
+    first, second, third = unique_name(), unique_name(), unique_name()
+    with pytest.raises(Unprocessable):
+        async with as_service(get_database()) as conn:
+            assert await (await conn.execute(_INSERT_ORG, {"name": first})).fetchone()
+            assert await (await conn.execute(_INSERT_ORG, {"name": second})).fetchone()
+            async with conn.cursor() as cur:
+                await cur.executemany(_INSERT_ORG, [{"name": third}, {"name": third}])
+            await (await conn.execute("select 1 / 0 as n")).fetchone()
+
+    for name in (first, second, third):
+        assert await organizations_named(admin, name) == 0
+
+
 async def test_a_failing_statement_never_fetched_fails_the_transaction_when_it_ends(admin: Connection) -> None:
     name = unique_name()
     with pytest.raises(Unprocessable):

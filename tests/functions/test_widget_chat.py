@@ -1245,7 +1245,7 @@ class TestRoundTrips:
         assert len(redis_requests) == 2, redis_requests
 
 
-# docs/widget.md explains each: one per transaction (begin, role, statement and commit are pipelined).
+# docs/widget.md explains each: one per transaction (the role and the statement pipelined, committed by the Sync).
 EXPECTED_ROUND_TRIPS = {
     ("offline", False): 4,
     ("offline", True): 5,

@@ -154,5 +154,4 @@ async def run_as_service(db: Database, query: str, params: Mapping[str, Any]) ->
     commit are sent together and the rows read once the transaction has committed."""
     async with as_service(db) as conn:
         cursor = await conn.execute(query, params)
-    with map_db_errors():
-        return await cursor.fetchall()
+    return await cursor.fetchall()  # complete since the commit: reading it touches no connection

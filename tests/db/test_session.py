@@ -18,9 +18,10 @@ import pytest
 from psycopg.rows import dict_row
 
 from shared.db.pool import get_pool
-from shared.db.session import as_service, get_database, run_as_service
+from shared.db.session import as_service, as_user, get_database, run_as_service
 from shared.errors import Unprocessable
 from tests.conftest import Connection, TransactionDatabase, waits_for_the_server
+from tests.factories import create_user, user_claims
 
 _INSERT_ORG = "insert into public.organizations (name) values (%(name)s) returning id"
 
@@ -55,13 +56,37 @@ async def test_a_transaction_commits_and_its_role_ends_with_it(admin: Connection
 
     assert role == {"role": "service_role"}
     assert await organizations_named(admin, name) == 1
+    assert await pooled_identity() == {"role": "authenticator", "claims": ""}, "set for the transaction only"
+
+
+@pytest.mark.parametrize("failure", ["statement", "exception"])
+async def test_a_users_identity_never_outlives_a_failed_transaction_on_the_pooled_connection(
+    admin: Connection, failure: str
+) -> None:
+    # The next request on this pooled connection may be anyone's: a user's role and claims left
+    # behind by a failed transaction would let it read that user's organization through RLS.
+    user = await create_user(admin)
+    with pytest.raises((Unprocessable, Boom)):
+        async with as_user(get_database(), user_claims(user)) as conn:
+            seen = await (await conn.execute("select current_user as role, auth.uid() as uid")).fetchone()
+            assert seen == {"role": "authenticated", "uid": user["id"]}
+            if failure == "statement":
+                await (await conn.execute("select 1 / 0 as n")).fetchone()
+            raise Boom
+
+    assert await pooled_identity() == {"role": "authenticator", "claims": ""}
+
+
+async def pooled_identity() -> dict[str, str]:
+    """Who a statement on the pool's idle connection runs as, outside any transaction of ours."""
     async with (await get_pool()).connection() as pooled:
-        after = await (
-            await pooled.execute("select current_user as role, current_setting('request.jwt.claims', true) as claims")
+        row = await (
+            await pooled.execute(
+                "select current_user::text as role, coalesce(current_setting('request.jwt.claims', true), '') as claims"
+            )
         ).fetchone()
-    assert after is not None
-    assert after["role"] == "authenticator", "the role was set for the transaction only"
-    assert not after["claims"]
+    assert row is not None
+    return dict(row)
 
 
 async def test_a_failing_statement_rolls_back_what_came_before_it(admin: Connection) -> None:

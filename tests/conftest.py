@@ -195,13 +195,23 @@ def direct_redis() -> Iterator[redis.Redis]:
         client.close()
 
 
+def forget_keys(direct_redis: redis.Redis, *patterns: str) -> None:
+    """Delete every key matching any of ``patterns`` (a test's rate-limit counters, say)."""
+    keys = [key for pattern in patterns for key in direct_redis.scan_iter(match=pattern, count=1000)]
+    if keys:
+        direct_redis.delete(*keys)
+
+
+def counted_hits(direct_redis: redis.Redis, pattern: str) -> int:
+    """The hits a rate limit holds in the counters matching ``pattern``, all windows together."""
+    return sum(int(direct_redis.get(key) or 0) for key in direct_redis.scan_iter(match=pattern, count=1000))
+
+
 @pytest.fixture
 def key_prefix(direct_redis: redis.Redis) -> Iterator[str]:
     prefix = f"test:{uuid.uuid4().hex}:"
     yield prefix
-    keys = list(direct_redis.scan_iter(match=f"{prefix}*", count=1000))
-    if keys:
-        direct_redis.delete(*keys)
+    forget_keys(direct_redis, f"{prefix}*")
 
 
 @pytest.fixture

@@ -38,7 +38,9 @@ from shared.widget.service import MODEL_FAILURE_REPLY
 from tests.conftest import (
     Connection,
     TransactionDatabase,
+    counted_hits,
     counting_requests,
+    forget_keys,
     waits_for_the_server,
     without_generated_ids,
 )
@@ -109,12 +111,7 @@ def forget_rate_limits(direct_redis: redis.Redis) -> Iterator[list[uuid.UUID]]:
     """Agents whose widget counters are deleted after the test."""
     agents: list[uuid.UUID] = []
     yield agents
-    for agent_id in agents:
-        keys = [
-            *direct_redis.scan_iter(match=f"hh:rl:widget-*:{agent_id}*"),
-        ]
-        if keys:
-            direct_redis.delete(*keys)
+    forget_keys(direct_redis, *(f"hh:rl:widget-*:{agent_id}*" for agent_id in agents))
 
 
 class Widget:
@@ -762,9 +759,7 @@ class TestBudgetAndBurst:
             assert (await send(client, widget)).status_code == 200
             refused = await send(client, widget)
         finally:
-            keys = list(direct_redis.scan_iter(match=f"hh:rl:model-burst:{widget.org['id']}:*"))
-            if keys:
-                direct_redis.delete(*keys)
+            forget_keys(direct_redis, f"hh:rl:model-burst:{widget.org['id']}:*")
 
         assert refused.status_code == 503
         assert problem(refused)["type"].endswith("/agent-unavailable")
@@ -790,11 +785,9 @@ class TestBudgetAndBurst:
         pattern = f"hh:rl:model-burst:{widget.org['id']}:*"
         try:
             response = await send(client, widget, "Do you repair e-bikes?")
-            counted = sum(int(direct_redis.get(key) or 0) for key in direct_redis.scan_iter(match=pattern))
+            counted = counted_hits(direct_redis, pattern)
         finally:
-            keys = list(direct_redis.scan_iter(match=pattern))
-            if keys:
-                direct_redis.delete(*keys)
+            forget_keys(direct_redis, pattern)
 
         assert response.status_code == 200
         assert len(online.requests) == calls, "an embedding of the question, with knowledge, then the reply"
@@ -1081,10 +1074,7 @@ class TestConcurrency:
                         )
                     )
             finally:
-                keys = [*direct_redis.scan_iter(match=f"hh:rl:*:{agent['id']}*")]
-                keys += [*direct_redis.scan_iter(match=f"hh:rl:model-burst:{org['id']}:*")]
-                if keys:
-                    direct_redis.delete(*keys)
+                forget_keys(direct_redis, f"hh:rl:*:{agent['id']}*", f"hh:rl:model-burst:{org['id']}:*")
 
             answered = [r for r in responses if r.status_code == 200]
             unavailable = [r for r in responses if r.status_code == 503]

@@ -38,7 +38,7 @@ from shared.ratelimit import LimitCheck, RateLimitRule, bucket_prefix
 from shared.redis import close_redis
 from shared.retrieval import RetrievedChunk
 from shared.settings import get_settings
-from tests.conftest import Connection, TransactionDatabase
+from tests.conftest import Connection, TransactionDatabase, counted_hits, forget_keys
 from tests.factories import closed_port, create_agent, create_org
 from tests.fakes.openai_server import FakeOpenAI, running_fake_openai
 
@@ -111,9 +111,7 @@ async def agent(db: Connection, org: dict[str, Any]) -> dict[str, Any]:
 
 
 def _forget_burst_counts(direct_redis: redis.Redis, org_id: uuid.UUID) -> None:
-    keys = list(direct_redis.scan_iter(match=f"hh:rl:{BURST_BUCKET}:{org_id}:*"))
-    if keys:
-        direct_redis.delete(*keys)
+    forget_keys(direct_redis, f"hh:rl:{BURST_BUCKET}:{org_id}:*")
 
 
 async def set_limits(conn: Connection, org_id: uuid.UUID, **values: int) -> None:
@@ -452,9 +450,7 @@ class TestBurstPass:
 
     @staticmethod
     def burst_count(direct_redis: redis.Redis, org_id: uuid.UUID) -> int:
-        return sum(
-            int(direct_redis.get(key) or 0) for key in direct_redis.scan_iter(match=f"hh:rl:{BURST_BUCKET}:{org_id}:*")
-        )
+        return counted_hits(direct_redis, f"hh:rl:{BURST_BUCKET}:{org_id}:*")
 
     async def test_calls_with_a_pass_are_counted_once_in_advance_and_not_again(
         self,
@@ -520,9 +516,7 @@ class TestBurstPass:
                 org_id=org["id"], burst_per_minute=10, calls=1, request_id="req-2", preceded_by=[own]
             )
         finally:
-            keys = list(direct_redis.scan_iter(match=f"{bucket_prefix(own.rule.bucket)}:*"))
-            if keys:
-                direct_redis.delete(*keys)
+            forget_keys(direct_redis, f"{bucket_prefix(own.rule.bucket)}:*")
 
         assert (allowed.allowed, granted is not None) == (True, True)
         assert (refused.allowed, withheld) == (False, None)

@@ -15,7 +15,7 @@ from shared.errors import RateLimited
 from shared.ratelimit import LimitCheck, RateLimitRule, bucket_prefix, check, enforce, hit, hit_many
 from shared.redis import close_redis
 from shared.settings import get_settings
-from tests.conftest import counting_requests
+from tests.conftest import counting_requests, forget_keys
 from tests.factories import closed_port
 
 # Long windows keep a test from straddling a window boundary; the last test uses a short one on purpose.
@@ -26,9 +26,7 @@ HOUR = 3600
 def bucket(direct_redis: redis.Redis) -> Iterator[str]:
     name = f"test-{uuid.uuid4().hex[:16]}"
     yield name
-    keys = list(direct_redis.scan_iter(match=f"{bucket_prefix(name)}:*", count=1000))
-    if keys:
-        direct_redis.delete(*keys)
+    forget_keys(direct_redis, f"{bucket_prefix(name)}:*")
 
 
 class TestHit:
@@ -57,9 +55,7 @@ class TestHit:
             assert (await hit(upstash, bucket=bucket, identifier="a", limit=1, window_seconds=HOUR)).allowed
             assert (await hit(upstash, bucket=other_bucket, identifier="a", limit=1, window_seconds=HOUR)).allowed
         finally:
-            keys = list(direct_redis.scan_iter(match=f"{bucket_prefix(other_bucket)}:*"))
-            if keys:
-                direct_redis.delete(*keys)
+            forget_keys(direct_redis, f"{bucket_prefix(other_bucket)}:*")
 
     async def test_concurrent_hits_never_exceed_the_limit(self, upstash: Redis, bucket: str) -> None:
         decisions = await asyncio.gather(
@@ -118,9 +114,7 @@ class TestHitMany:
                 second = await hit_many(upstash, checks)
             remaining_loose = (await hit(upstash, bucket=other, identifier="a", limit=5, window_seconds=HOUR)).remaining
         finally:
-            keys = list(direct_redis.scan_iter(match=f"{bucket_prefix(other)}:*"))
-            if keys:
-                direct_redis.delete(*keys)
+            forget_keys(direct_redis, f"{bucket_prefix(other)}:*")
 
         assert len(requests) == 2, "one request per hit_many, whatever the number of checks"
         assert [(d.allowed, d.remaining) for d in first] == [(True, 0), (True, 4), (True, 3)]

@@ -19,7 +19,7 @@ from shared.gateway import BURST_BUCKET, close_clients
 from shared.redis import close_redis
 from shared.scans import ScanCreate, ScanEnvironment, create_scan, run_scans
 from shared.settings import get_settings
-from tests.conftest import Connection, TransactionDatabase
+from tests.conftest import Connection, TransactionDatabase, forget_keys
 from tests.factories import create_agent, create_org, user_claims
 from tests.fakes.openai_server import FakeOpenAI, running_fake_openai
 from tests.fakes.site import STORED_PATHS, FakeSite, running_acme_site
@@ -74,9 +74,7 @@ async def org(db: Connection, direct_redis: redis.Redis) -> AsyncIterator[dict[s
     created = await create_org(db)
     created["agent"] = await create_agent(db, created)
     yield created
-    keys = list(direct_redis.scan_iter(match=f"hh:rl:{BURST_BUCKET}:{created['id']}:*"))
-    if keys:
-        direct_redis.delete(*keys)
+    forget_keys(direct_redis, f"hh:rl:{BURST_BUCKET}:{created['id']}:*")
 
 
 async def rows(db: Connection, query: str, *params: Any) -> list[dict[str, Any]]:

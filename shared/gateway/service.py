@@ -24,7 +24,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Generic, TypeVar
+from typing import Any
 from uuid import UUID
 
 from shared import budgets, metering
@@ -61,8 +61,6 @@ KNOWLEDGE_PREAMBLE = (
 TOOL_RESULT_PREFIX = "Result of an earlier action: "
 
 BURST_DETAIL = "Too many model calls for this organization; try again shortly."
-
-_T = TypeVar("_T")
 
 
 @dataclass(eq=False, slots=True)
@@ -127,10 +125,10 @@ async def admit_burst(
 
 
 @dataclass(frozen=True, slots=True)
-class _Answer(Generic[_T]):
+class _Answer[T]:
     """What a call produced, with the token counts to meter it by."""
 
-    value: _T
+    value: T
     prompt_tokens: int
     completion_tokens: int
 
@@ -268,15 +266,15 @@ async def embed(
     return vectors
 
 
-async def _metered(
+async def _metered[T](
     db: Database,
     usage: Usage,
     *,
     estimate: int,
     burst_per_minute: int | None,
     burst_pass: BurstPass | None,
-    call: Callable[[], Awaitable[_Answer[_T]]],
-) -> tuple[_T, Usage, int]:
+    call: Callable[[], Awaitable[_Answer[T]]],
+) -> tuple[T, Usage, int]:
     reservation_id = await _admit(
         db, usage, estimate=estimate, burst_per_minute=burst_per_minute, burst_pass=burst_pass
     )

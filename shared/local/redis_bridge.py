@@ -45,7 +45,7 @@ import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol, TypeAlias, cast
+from typing import Protocol, cast
 from urllib.parse import parse_qsl, unquote_to_bytes
 
 import uvicorn
@@ -56,9 +56,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-Json: TypeAlias = "int | str | list[Json] | dict[str, Json] | None"
-Command: TypeAlias = list[bytes]
-Reply: TypeAlias = object  # what redis-py's RESP2 parser returns: bytes, int, None, list, ResponseError
+type Json = "int | str | list[Json] | dict[str, Json] | None"
+type Command = list[bytes]
+type Reply = object  # what redis-py's RESP2 parser returns: bytes, int, None, list, ResponseError
 
 # Connection-state commands: on a shared pooled connection they would leak into other requests.
 REFUSED_COMMANDS = frozenset(

@@ -32,7 +32,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Generic, Literal, TypeVar
+from typing import Literal, TypeVar
 from uuid import UUID
 
 from shared import gateway, reviews
@@ -93,7 +93,7 @@ _ROLE_FOR_MODEL = {"visitor": "user", "agent": "assistant"}
 
 
 @dataclass(frozen=True, slots=True)
-class Served(Generic[T]):
+class Served[T]:
     """A response body, the headers that go with it (CORS for the request's origin) and, for the
     request's log line, the organization it served."""
 

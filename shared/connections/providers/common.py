@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Any, Final, TypeAlias
+from typing import Any, Final
 
 import httpx
 
@@ -14,7 +14,7 @@ from shared.connections.schemas import Credential, DeliveryJob, Kind, ReviewItem
 from shared.egress import EgressDenied, EgressPolicy, EgressReason, Resolver, check_url, guarded_client
 
 # The type of the clients `guarded_client()` builds; nothing here constructs one any other way.
-HttpClient: TypeAlias = httpx.AsyncClient  # noqa: TID251
+type HttpClient = httpx.AsyncClient  # noqa: TID251
 
 NOTION_VERSION: Final = "2022-06-28"
 GITHUB_API_VERSION: Final = "2022-11-28"

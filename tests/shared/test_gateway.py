@@ -15,6 +15,8 @@ from typing import Any
 import psycopg
 import pytest
 import redis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from psycopg.rows import dict_row
 
 from shared.db.session import get_database
@@ -33,6 +35,7 @@ from shared.gateway import (
     embed,
 )
 from shared.gateway.offline import EXCERPT_INTRO, NO_MATCH_REPLY
+from shared.gateway.schemas import MAX_REPLY_CHARS
 from shared.pricing import UnknownModel, cost_microusd
 from shared.ratelimit import LimitCheck, RateLimitRule, bucket_prefix
 from shared.redis import close_redis
@@ -422,6 +425,112 @@ class TestFailures:
         assert [row["provider_request_id"] for row in rows] == online.answered_ids
         assert {row["request_id"] for row in rows} == {"req-turn"}
         assert not any(row["estimated"] for row in rows)
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3),
+    max_leaves=8,
+)
+COMPLETION_FIELDS = (
+    ("choices",),
+    ("choices", 0),
+    ("choices", 0, "message"),
+    ("choices", 0, "message", "content"),
+    ("choices", 0, "message", "tool_calls"),
+    ("choices", 0, "message", "tool_calls", 0),
+    ("choices", 0, "message", "tool_calls", 0, "type"),
+    ("choices", 0, "message", "tool_calls", 0, "function"),
+    ("choices", 0, "message", "tool_calls", 0, "function", "name"),
+    ("choices", 0, "message", "tool_calls", 0, "function", "arguments"),
+    ("usage",),
+    ("usage", "prompt_tokens"),
+    ("usage", "completion_tokens"),
+)
+
+
+def a_completion() -> dict[str, Any]:
+    call = {"id": "call_1", "type": "function", "function": {"name": ESCALATE, "arguments": "{}"}}
+    message = {"role": "assistant", "content": "Happy to help.", "tool_calls": [call]}
+    return {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120},
+    }
+
+
+@st.composite
+def malformed_answers(draw: st.DrawFn) -> bytes:
+    """Bytes of any kind, JSON of any shape, or a real completion with one field made anything at all."""
+    kind = draw(st.sampled_from(["bytes", "json", "one-field"]))
+    if kind == "bytes":
+        return draw(st.binary(max_size=120))
+    if kind == "json":
+        return json.dumps(draw(JSON_VALUES)).encode()
+    payload = a_completion()
+    path = draw(st.sampled_from(COMPLETION_FIELDS))
+    target: Any = payload
+    for step in path[:-1]:
+        target = target[step]
+    huge_counts = st.integers(min_value=2**31 - 2, max_value=2**63)
+    long_texts = st.integers(min_value=100_001, max_value=100_050).map(lambda n: "x" * n)
+    replacement = draw(JSON_VALUES | huge_counts | long_texts)
+    if draw(st.booleans()) and isinstance(target, dict):
+        del target[path[-1]]
+    else:
+        target[path[-1]] = replacement
+    return json.dumps(payload).encode()
+
+
+class TestMalformedAnswers:
+    @settings(
+        max_examples=60,
+        deadline=None,
+        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    )
+    @given(answer=malformed_answers())
+    async def test_any_answer_ends_as_a_metered_reply_or_an_error_that_costs_nothing(
+        self,
+        answer: bytes,
+        online: FakeOpenAI,
+        tdb: TransactionDatabase,
+        db: Connection,
+        org: dict[str, Any],
+        agent: dict[str, Any],
+    ) -> None:
+        await set_limits(db, org["id"], monthly_budget_microusd=10**15, burst_per_minute=10**6)
+        online.raw_bytes = answer
+
+        try:
+            result: ChatResult | None = await ask(tdb, org, agent, max_tokens=50)
+        except ModelUnavailable:
+            result = None
+
+        [row] = (await usage_rows(db, org["id"]))[-1:]
+        [hold] = (await reservations(db, org["id"]))[-1:]
+        if result is None:
+            assert (row["outcome"], row["cost_microusd"], row["estimated"], hold["status"]) == (
+                "error",
+                0,
+                False,
+                "released",
+            )
+            return
+        assert row["id"] == result.usage_event_id
+        assert (row["outcome"], hold["status"]) == ("ok", "settled")
+        assert isinstance(result.content, str)
+        assert len(result.content) <= MAX_REPLY_CHARS
+        assert all(isinstance(call.arguments, dict) for call in result.tool_calls)
+        assert 0 <= row["prompt_tokens"] <= 2**31 - 1
+        assert 0 <= row["completion_tokens"] <= 2**31 - 1
+        assert (
+            row["cost_microusd"]
+            == hold["actual_microusd"]
+            == cost_microusd(
+                "gpt-4o-mini", prompt_tokens=row["prompt_tokens"], completion_tokens=row["completion_tokens"]
+            )
+        )
 
 
 class TestASlowProviderStillBills:

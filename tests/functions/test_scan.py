@@ -15,7 +15,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from functions.cron_scans import app as cron_app
+from functions.scanner.cron_scans import app as cron_app
 from functions.scan import app
 from shared.db.session import get_database
 from shared.egress import CUSTOMER_MESSAGES, EgressReason

@@ -85,7 +85,9 @@ def built_functions(output: Path = OUTPUT) -> list[BuiltFunction]:
     found = []
     for config in sorted((output / "functions").rglob(f"*.func/{CONFIG_FILE}")):
         folder = config.parent
-        found.append(BuiltFunction(name=folder.relative_to(output / "functions").as_posix()[: -len(".func")], folder=folder))
+        found.append(
+            BuiltFunction(name=folder.relative_to(output / "functions").as_posix()[: -len(".func")], folder=folder)
+        )
     return found
 
 
@@ -182,8 +184,9 @@ def serve(function: BuiltFunction, env: dict[str, str], *, timeout: float = 60.0
             stderr=subprocess.STDOUT,
         )
         served = ServedFunction(name=function.name, base_url="", process=process, messages=messages)
-        assert process.stdout is not None
         stdout = process.stdout
+        if stdout is None:  # pragma: no cover - stdout=PIPE always gives one
+            raise RuntimeError("no output pipe")
 
         def collect() -> None:
             for line in stdout:
@@ -212,12 +215,18 @@ def serve(function: BuiltFunction, env: dict[str, str], *, timeout: float = 60.0
                 process.wait()
             listener.close()
             reader.join(5)
+            stdout.close()
 
 
 @dataclass(frozen=True)
 class Routed:
     function: str  # e.g. functions/widget_chat.py
     target: str  # the path the function receives, with the query the route adds
+
+
+def _substitute(dest: str, match: re.Match[str]) -> str:
+    """``$1``... in a route's destination, from what its ``src`` captured."""
+    return re.sub(r"\$(\d+)", lambda ref: match.group(int(ref.group(1))) or "", dest)
 
 
 class Routes:
@@ -233,8 +242,7 @@ class Routes:
             match = pattern.match(path)
             if match is None:
                 continue
-            expanded = re.sub(r"\$(\d+)", lambda m: match.group(int(m.group(1))) or "", dest)
-            function, _, added = expanded.partition("?")
+            function, _, added = _substitute(dest, match).partition("?")
             # As on Vercel, the function sees the URL that was asked for; the route's parameters are
             # added to its query.
             params = parse_qsl(query, keep_blank_values=True) + parse_qsl(added, keep_blank_values=True)

@@ -107,7 +107,7 @@ class TestCheckout:
 
         assert response.status_code == 200, response.text
         assert response.json()["url"].startswith("https://checkout.stripe.test/c/pay/cs_test_")
-        [session] = stripe_api.calls("POST", "/v1/checkout/sessions")
+        [session] = stripe_api.session_creates()
         params = form(session)
         customer = await stored_customer(db, org["id"])
         assert params["mode"] == "subscription"
@@ -127,7 +127,7 @@ class TestCheckout:
         [lookup] = stripe_api.calls("GET", "/v1/prices")
         assert "hiredhands_starter_monthly" in str(lookup.url)
         assert (
-            form(stripe_api.calls("POST", "/v1/checkout/sessions")[0])["line_items[0][price]"] == "price_starter_live"
+            form(stripe_api.session_creates()[0])["line_items[0][price]"] == "price_starter_live"
         )
 
     async def test_the_customer_is_created_once_and_reused(
@@ -140,7 +140,7 @@ class TestCheckout:
         [created] = stripe_api.calls("POST", "/v1/customers")
         assert created.headers["idempotency-key"] == f"hiredhands-customer-{org['id']}"
         assert form(created)["metadata[org_id]"] == str(org["id"])
-        customers = {form(r)["customer"] for r in stripe_api.calls("POST", "/v1/checkout/sessions")}
+        customers = {form(r)["customer"] for r in stripe_api.session_creates()}
         assert customers == {await stored_customer(db, org["id"])}
 
     async def test_a_stored_customer_is_never_replaced(self, db: Connection, org: dict[str, Any]) -> None:
@@ -164,7 +164,7 @@ class TestCheckout:
                     "select stripe_customer_id from public.billing_accounts where org_id = %s", (org["id"],)
                 )
             ).fetchone()
-            sessions = {form(r)["customer"] for r in stripe_api.calls("POST", "/v1/checkout/sessions")}
+            sessions = {form(r)["customer"] for r in stripe_api.session_creates()}
             assert stored is not None
             assert sessions == {stored["stripe_customer_id"]}
             assert len(stripe_api.customers) == 1, "Stripe holds more than one customer for the organization"
@@ -218,7 +218,7 @@ class TestCheckout:
         response = await checkout(client, org["owner"], org_id=str(org["id"]), plan="pro")
         assert response.status_code == 200
         assert stripe_api.calls("POST", "/v1/customers") == []
-        assert form(stripe_api.calls("POST", "/v1/checkout/sessions")[0])["customer"] == "cus_returning"
+        assert form(stripe_api.session_creates()[0])["customer"] == "cus_returning"
 
     async def test_stripe_down_is_a_503_and_no_customer_is_stored(
         self, client: httpx.AsyncClient, db: Connection, org: dict[str, Any], stripe_api: FakeStripe
@@ -235,7 +235,7 @@ class TestCheckout:
         stripe_api.prices.clear()
         response = await checkout(client, org["owner"], org_id=str(org["id"]), plan="pro")
         assert response.status_code == 503
-        assert stripe_api.calls("POST", "/v1/checkout/sessions") == []
+        assert stripe_api.session_creates() == []
 
     async def test_stripe_not_configured_is_a_503(
         self, client: httpx.AsyncClient, org: dict[str, Any], stripe_env: pytest.MonkeyPatch
@@ -378,7 +378,7 @@ class TestOneCustomerPerOrganization:
         assert first_customer
         assert second_customer
         assert first_customer != second_customer
-        sessions = [form(r) for r in stripe_api.calls("POST", "/v1/checkout/sessions")]
+        sessions = [form(r) for r in stripe_api.session_creates()]
         assert [(s["customer"], s["client_reference_id"]) for s in sessions] == [
             (first_customer, str(org["id"])),
             (second_customer, str(second["id"])),

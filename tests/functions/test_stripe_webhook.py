@@ -374,6 +374,33 @@ class TestEffects:
         assert response.json()["outcome"] == "no-subscription"
         assert stripe_api.requests == []
 
+    async def test_a_completed_checkout_is_no_longer_the_organizations_open_one(
+        self, client: httpx.AsyncClient, db: Connection, org: dict[str, Any], stripe_api: FakeStripe
+    ) -> None:
+        sub = stripe_api.put(subscription(customer=org["customer"]))
+        session_id = stripe_id("cs_test")
+        await db.execute(
+            "update public.billing_accounts set checkout_attempt = 1, checkout_plan = 'pro',"
+            " checkout_expires_at = now() + interval '1 hour', checkout_claimed_at = now(),"
+            " checkout_session_id = %s, checkout_url = 'https://checkout.stripe.test/c/pay/x' where org_id = %s",
+            (session_id, org["id"]),
+        )
+        session = {
+            "id": session_id,
+            "object": "checkout.session",
+            "mode": "subscription",
+            "customer": org["customer"],
+            "subscription": sub["id"],
+            "client_reference_id": str(org["id"]),
+        }
+        assert (await deliver(client, event("checkout.session.completed", session))).json()["outcome"] == "applied"
+        row = await one(
+            db,
+            "select checkout_session_id, checkout_plan, checkout_attempt from public.billing_accounts where org_id = %s",
+            org["id"],
+        )
+        assert row == {"checkout_session_id": None, "checkout_plan": None, "checkout_attempt": 1}
+
     async def test_a_price_that_is_not_ours_records_the_status_and_keeps_the_plan(
         self, client: httpx.AsyncClient, db: Connection, org: dict[str, Any], stripe_api: FakeStripe
     ) -> None:

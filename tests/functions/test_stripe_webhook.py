@@ -396,7 +396,8 @@ class TestEffects:
         assert (await deliver(client, event("checkout.session.completed", session))).json()["outcome"] == "applied"
         row = await one(
             db,
-            "select checkout_session_id, checkout_plan, checkout_attempt from public.billing_accounts where org_id = %s",
+            "select checkout_session_id, checkout_plan, checkout_attempt from public.billing_accounts"
+            " where org_id = %s",
             org["id"],
         )
         assert row == {"checkout_session_id": None, "checkout_plan": None, "checkout_attempt": 1}

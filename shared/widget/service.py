@@ -210,11 +210,15 @@ async def chat(
             ],
             items=items,
         )
-        if stored.messages == 0:
-            # The conversation changed hands between the read and the write; never write into it.
+        if stored.messages == 0 or stored.token_generation is None:
+            # The conversation changed hands or was closed between the read and the write; never
+            # write into it.
             raise ConversationNotFound()
         new_token, expires_at = visitor_tokens.issue(
-            conversation_id=conversation_id, agent_id=context.agent_id, visitor_id=visitor_id
+            conversation_id=conversation_id,
+            agent_id=context.agent_id,
+            visitor_id=visitor_id,
+            generation=stored.token_generation,
         )
     body = ChatReply(
         conversation_id=conversation_id,
@@ -246,6 +250,9 @@ def _conversation(
         raise ConversationNotFound()
     if context.conversation_status == "closed":
         raise ConversationClosed()
+    if claims.generation < (context.token_generation or 1) - 1:
+        # Superseded: a newer token was issued and used since (a stolen or left-behind copy).
+        raise ConversationNotFound()
     if (context.message_count or 0) + 2 > MAX_CONVERSATION_MESSAGES:
         raise ConversationFull(MAX_CONVERSATION_MESSAGES)
     return context.conversation_id, claims.visitor_id

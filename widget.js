@@ -258,7 +258,7 @@ form button[aria-disabled=true]{opacity:.6;cursor:default}
   // -- open, close, keyboard ----------------------------------------------------------------------------
 
   let config = null;
-  let configFailed = false;
+  let configLoad = null;
   let busy = false;
   let retryTimer = 0;
   let generation = 0; // bumped by "new conversation", so a reply still on its way is dropped
@@ -271,7 +271,7 @@ form button[aria-disabled=true]{opacity:.6;cursor:default}
     panel.hidden = false;
     launcher.setAttribute('aria-expanded', 'true');
     input.focus();
-    if (!config && !configFailed) await fetchConfig();
+    configLoad = configLoad || fetchConfig();
   }
 
   function close() {
@@ -318,8 +318,9 @@ form button[aria-disabled=true]{opacity:.6;cursor:default}
     }
   });
 
-  form.addEventListener('submit', (event) => {
+  form.addEventListener('submit', async (event) => {
     event.preventDefault();
+    if (!config) await configLoad; // a message typed while the widget is still connecting waits for it
     const text = input.value.trim();
     if (!text || busy || !config) return;
     if (text.length > MAX_MESSAGE_CHARS) return void note(STRINGS.tooLong);
@@ -346,7 +347,6 @@ form button[aria-disabled=true]{opacity:.6;cursor:default}
       config = await response.json();
     } catch (_) {
       // A refused origin gets no CORS headers, so it looks exactly like a network failure: both say "unavailable".
-      configFailed = true;
     }
     loading.remove();
     if (!config) {
@@ -398,6 +398,7 @@ form button[aria-disabled=true]{opacity:.6;cursor:default}
   }
 
   function finishReply(body, text, outcome) {
+    log.scrollTop = log.scrollHeight;
     if (!text) body.parentNode.remove();
     else {
       state.log.push({ r: 'a', t: text });

@@ -110,7 +110,7 @@ header button{background:transparent;border:0;border-radius:6px;min-width:44px;m
 .a{align-self:flex-start;background:#eef1f4;color:#1a1a1a}
 .a a{color:#0b4a9e;text-decoration:underline}
 .n{align-self:center;max-width:100%;font-size:14px;color:#444;text-align:center}
-.n button{margin-left:6px;padding:2px 10px;min-height:32px;border:1px solid #444;border-radius:6px;background:#fff;cursor:pointer}
+.n button{margin-left:6px;padding:2px 12px;min-height:44px;border:1px solid #444;border-radius:6px;background:#fff;cursor:pointer}
 .typing{letter-spacing:2px}
 form{display:flex;gap:8px;padding:10px;border-top:1px solid #d0d5da}
 textarea{flex:1;resize:none;min-height:44px;max-height:120px;padding:10px;border:1px solid #6b7280;border-radius:8px;background:#fff}

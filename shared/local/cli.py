@@ -151,7 +151,9 @@ def cmd_dev(args: argparse.Namespace) -> None:
     )
     base = f"http://127.0.0.1:{args.port}"
     print(f"HiredHands local stack serving at {base}", flush=True)
-    print(f"  demo site with the widget: http://localhost:{args.port}/ (refused origin: http://localhost:{refused_port}/)")
+    print(
+        f"  demo site with the widget: http://localhost:{args.port}/ (refused origin: http://localhost:{refused_port}/)"
+    )
     print(f"  database (as the API login role): {server.url(DATABASE, user='authenticator')}")
     print(f"  redis: {redis_url} behind the Upstash REST bridge at http://127.0.0.1:{bridge_port}")
     print(f"  demo user: {DEMO_USER['email']} ({DEMO_USER['id']})")

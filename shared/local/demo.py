@@ -112,13 +112,14 @@ class DemoSite:
 <h1>{html.escape(heading)}</h1>
 <p>{text}</p>
 <p><button type="button">A button of the site's own</button></p>
-<script src="{html.escape(widget_origin)}/widget.js" data-hiredhands-key="{html.escape(self.widget_key)}" async></script>
+<script src="{html.escape(widget_origin)}/widget.js" data-hiredhands-key="{html.escape(self.widget_key)}" async>
+</script>
 </body>
 </html>
 """
         return body.encode(), page_csp(widget_origin)
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def __call__(self, scope: Scope, _receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
         path = scope.get("path", "")

@@ -19,12 +19,13 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import psycopg
+import psycopg.sql
 import pytest
 import redis
 import uvicorn
@@ -53,6 +54,7 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
+
 
 @pytest.fixture(scope="session")
 async def browser() -> AsyncIterator[Any]:
@@ -119,6 +121,18 @@ class Stack:
         """Put the widget with ``key`` on both sites."""
         self.site.widget_key = key
         self.refused_site.widget_key = key
+
+    def set_limits(self, org_id: uuid.UUID, **limits: int) -> None:
+        """Change the organization's limits (``organization_limits`` columns), committed."""
+        assignments = psycopg.sql.SQL(", ").join(
+            psycopg.sql.SQL("{} = {}").format(psycopg.sql.Identifier(name), value) for name, value in limits.items()
+        )
+        with psycopg.connect(self.admin_url, autocommit=True) as conn:
+            conn.execute(
+                psycopg.sql.SQL("update public.organization_limits set {} where org_id = {}").format(
+                    assignments, org_id
+                )
+            )
 
     def sql(self, query: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
         with psycopg.connect(self.admin_url, autocommit=True) as conn:

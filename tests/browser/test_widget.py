@@ -134,7 +134,9 @@ class TestHandOver:
     ) -> None:
         stack.fake.reply = ScriptedReply(
             content=None,
-            tool_calls=[(ESCALATE, {"reason": "visitor_requested_human", "summary": "asks for a person", "draft_reply": ""})],
+            tool_calls=[
+                (ESCALATE, {"reason": "visitor_requested_human", "summary": "asks for a person", "draft_reply": ""})
+            ],
         )
         page = await open_widget_page(page_opener=open_page, url=stack.site_url)
         await ask(page, "Can I talk to a person, please?")
@@ -201,10 +203,10 @@ class TestModelOutputIsText:
         assert await page.evaluate("window.__pwned") is None, "a script in the reply ran"
         assert page.observed.dialogs == []
         assert not [url for url in page.observed.requests if url.startswith(probe)]
-        assert await page.evaluate(f"{SHADOW}.querySelectorAll('img, script, iframe, svg:not([aria-hidden])').length") == 0
-        links = await page.evaluate(
-            f"[...{SHADOW}.querySelectorAll('.log a')].map((a) => [a.href, a.rel, a.target])"
+        assert (
+            await page.evaluate(f"{SHADOW}.querySelectorAll('img, script, iframe, svg:not([aria-hidden])').length") == 0
         )
+        links = await page.evaluate(f"[...{SHADOW}.querySelectorAll('.log a')].map((a) => [a.href, a.rel, a.target])")
         # Every URL in the text is a link, opening in a new context without an opener or referrer;
         # nothing else is: no javascript: link survives.
         assert ["https://harbour.example/a?b=1", "noopener noreferrer", "_blank"] in links
@@ -219,7 +221,8 @@ FOCUSED = f"""() => {{
   const root = {SHADOW};
   if (document.activeElement !== root.host) return 'page:' + document.activeElement.tagName;
   const active = root.activeElement;
-  return (root.querySelector('.panel').contains(active) ? 'panel:' : 'widget:') + (active.id || active.className || active.tagName);
+  const where = root.querySelector('.panel').contains(active) ? 'panel:' : 'widget:';
+  return where + (active.id || active.className || active.tagName);
 }}"""
 
 
@@ -276,7 +279,7 @@ class TestRefusals:
     async def test_rate_limited_is_a_friendly_message_and_the_retry_waits_for_retry_after(
         self, stack: Stack, widget: Widget, open_page: Any
     ) -> None:
-        stack.sql("update public.organization_limits set widget_rpm_per_visitor = 1 where org_id = %(org)s", {"org": widget.org_id})
+        stack.set_limits(widget.org_id, widget_rpm_per_visitor=1)
         stack.fake.reply = ScriptedReply(content="First answer.")
         page = await open_page()
         await page.clock.install()
@@ -293,14 +296,14 @@ class TestRefusals:
         await expect(notes(page).last).to_contain_text(f"in {wait} seconds" if wait < 90 else "minute")
         assert "faster than I can answer" not in await page.evaluate(f"{SHADOW}.textContent")
 
-        stack.sql("update public.organization_limits set widget_rpm_per_visitor = 100 where org_id = %(org)s", {"org": widget.org_id})
+        stack.set_limits(widget.org_id, widget_rpm_per_visitor=100)
         stack.fake.reply = ScriptedReply(content="Second answer.")
         await self._retries_only_after(page, stack, wait, expected="Second answer.")
 
     async def test_budget_exhausted_is_a_friendly_message_and_the_retry_waits_for_retry_after(
         self, stack: Stack, widget: Widget, open_page: Any
     ) -> None:
-        stack.sql("update public.organization_limits set monthly_budget_microusd = 1 where org_id = %(org)s", {"org": widget.org_id})
+        stack.set_limits(widget.org_id, monthly_budget_microusd=1)
         page = await open_page()
         await page.clock.install()
         statuses: list[Any] = []
@@ -312,7 +315,7 @@ class TestRefusals:
         assert statuses[-1].headers["retry-after"] == "300"
         assert stack.fake.requests == []
 
-        stack.sql("update public.organization_limits set monthly_budget_microusd = 5000000 where org_id = %(org)s", {"org": widget.org_id})
+        stack.set_limits(widget.org_id, monthly_budget_microusd=5000000)
         stack.fake.reply = ScriptedReply(content="Back again.")
         await self._retries_only_after(page, stack, 300, expected="Back again.")
 

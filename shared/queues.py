@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import logging
 import math
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-from vercel.queue import QueueClient
+from vercel.queue import QueueClient, RetryAfter
 
 from shared.logs import DECISION_REASON, log_event
 
@@ -84,3 +85,26 @@ async def publish(
         )
         return False
     return True
+
+
+def come_back(seconds: float | None) -> None:
+    """End a subscriber: ``None`` acknowledges the message; a number asks the queue to deliver it
+    again after that many seconds (the SDK's ``RetryAfter``; the queue's delay, never a second one)."""
+    if seconds is not None:
+        raise RetryAfter(max(1, whole_seconds(seconds)))
+
+
+def message_id_field(payload: object, field: str, *, topic: str) -> uuid.UUID | None:
+    """The row id a message names, or ``None`` (logged) for a message that names nothing usable:
+    it is acknowledged and dropped, since no retry can make it name a row."""
+    value = payload.get(field) if isinstance(payload, dict) else None
+    try:
+        return uuid.UUID(str(value))
+    except ValueError:
+        log_event(
+            "queue message names no row; dropped",
+            logging.WARNING,
+            **{DECISION_REASON: "queue-message-malformed"},
+            topic=topic,
+        )
+        return None

@@ -25,7 +25,6 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -37,9 +36,10 @@ from shared.connections.service import open_credential, write_audit
 from shared.crypto import CredentialUnreadable, Sealed
 from shared.db.session import Database, as_service, run_as_service
 from shared.logs import DECISION_REASON, ORG_ID, log_event
-from shared.queues import DELIVERIES_TOPIC, QueueEnvironment, publish, whole_seconds
+from shared.queues import DELIVERIES_TOPIC, message_id_field, whole_seconds
 
 ACTOR_WORKER: Final = "delivery-worker"
+MAX_ATTEMPTS: Final = 8
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -47,7 +47,7 @@ class WorkerSettings:
     batch_size: int = 20
     concurrency: int = 10  # sends in flight per worker
     lease_seconds: float = 120.0  # > the longest send (3 provider calls within the policy's timeouts)
-    max_attempts: int = 8
+    max_attempts: int = MAX_ATTEMPTS
     base_backoff_seconds: float = 30.0
     max_backoff_seconds: float = 3600.0
     # Stop claiming after this; the cron runs again next minute. Below Vercel's default function
@@ -203,7 +203,7 @@ async def claim(
     *,
     limit: int,
     lease_seconds: float,
-    max_attempts: int,
+    max_attempts: int = MAX_ATTEMPTS,
     only: uuid.UUID | None = None,
     stale_after_seconds: float = 0.0,
 ) -> list[DeliveryJob]:
@@ -359,10 +359,6 @@ async def run_deliveries(
 
 # -- the queue's way in: one message per delivery ---------------------------------------------------
 
-_PENDING_OF_ITEMS = """
-select id from public.deliveries where review_item_id = any(%(item_ids)s) and status = 'pending' order by created_at
-"""
-
 _WHY_NOT_CLAIMED = """
 select d.status, c.status as connection_status,
        greatest(0, extract(epoch from d.next_attempt_at - now()))::float8 as due_in,
@@ -371,21 +367,6 @@ select d.status, c.status as connection_status,
   join public.connections as c on c.id = d.connection_id
  where d.id = %(id)s
 """
-
-
-async def announce(db: Database, queue: QueueEnvironment, item_ids: Sequence[uuid.UUID]) -> int:
-    """After the review items committed: one message per delivery the schema queued for them.
-    Returns how many were sent; the others are the sweeper's."""
-    if not item_ids:
-        return 0
-    rows = await run_as_service(db, _PENDING_OF_ITEMS, {"item_ids": list(item_ids)})
-    sent = await asyncio.gather(
-        *(
-            publish(queue, DELIVERIES_TOPIC, {"delivery_id": str(row["id"])}, idempotency_key=f"delivery-{row['id']}")
-            for row in rows
-        )
-    )
-    return sum(sent)
 
 
 async def deliver_one(
@@ -424,3 +405,17 @@ async def _come_back_in(db: Database, delivery_id: uuid.UUID) -> float | None:
     if row["status"] == "in_progress":
         return float(whole_seconds(row["lease_in"])) or 1.0
     return None  # delivered or dead
+
+
+async def on_message(
+    db: Database,
+    payload: object,
+    *,
+    env: ProviderEnvironment = PRODUCTION,
+    settings: WorkerSettings | None = None,
+) -> float | None:
+    """A ``deliveries`` message (``{"delivery_id": …}``): what ``deliver_one`` does, for the id it names."""
+    delivery_id = message_id_field(payload, "delivery_id", topic=DELIVERIES_TOPIC)
+    if delivery_id is None:
+        return None
+    return await deliver_one(db, delivery_id, env=env, settings=settings)

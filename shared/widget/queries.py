@@ -152,7 +152,8 @@ items as (
    order by i.n
   returning id
 )
-select (select count(*) from stored)::int as messages, (select count(*) from items)::int as items
+select (select count(*) from stored)::int as messages,
+       (select coalesce(array_agg(id), '{}') from items) as item_ids
 """
 
 
@@ -171,7 +172,11 @@ class NewMessage:
 @dataclass(frozen=True, slots=True)
 class StoredTurn:
     messages: int
-    items: int
+    item_ids: list[UUID]  # review items created (their deliveries are announced once committed)
+
+    @property
+    def items(self) -> int:
+        return len(self.item_ids)
 
 
 async def widget_config(db: Database, *, key_hash: bytes) -> ConfigRow | None:
@@ -243,4 +248,4 @@ async def store_turn(
     rows = await run_as_service(db, _STORE_TURN, params)
     if not rows:  # pragma: no cover - the final select always returns one row
         raise RuntimeError("the turn was not stored")
-    return StoredTurn(messages=rows[0]["messages"], items=rows[0]["items"])
+    return StoredTurn(messages=rows[0]["messages"], item_ids=list(rows[0]["item_ids"]))

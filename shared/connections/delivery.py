@@ -300,7 +300,7 @@ class Worker:
     async def _finish(self, sql: str, job: DeliveryJob, **values: Any) -> bool:
         async with as_service(self.db) as conn:
             cursor = await conn.execute(sql, {"id": job.id, "attempts": job.attempts, **values})
-            return cursor.rowcount == 1
+        return cursor.rowcount == 1  # known once the pipelined transaction has synced
 
     async def _retry(self, job: DeliveryJob, message: str, retry_after: float | None) -> float | None:
         if job.attempts >= self.settings.max_attempts:

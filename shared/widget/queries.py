@@ -157,7 +157,8 @@ items as (
    order by i.n
   returning id
 )
-select (select count(*) from stored)::int as messages, (select count(*) from items)::int as items,
+select (select count(*) from stored)::int as messages,
+       (select coalesce(array_agg(id), '{}') from items) as item_ids,
        (select v.token_generation from conversation as v) as token_generation
 """
 
@@ -177,9 +178,13 @@ class NewMessage:
 @dataclass(frozen=True, slots=True)
 class StoredTurn:
     messages: int
-    items: int
+    item_ids: list[UUID]  # review items created (their deliveries are announced once committed)
     token_generation: int | None
     """The generation the next visitor token names (None when nothing was stored)."""
+
+    @property
+    def items(self) -> int:
+        return len(self.item_ids)
 
 
 async def widget_config(db: Database, *, key_hash: bytes) -> ConfigRow | None:
@@ -252,4 +257,6 @@ async def store_turn(
     if not rows:  # pragma: no cover - the final select always returns one row
         raise RuntimeError("the turn was not stored")
     row = rows[0]
-    return StoredTurn(messages=row["messages"], items=row["items"], token_generation=row["token_generation"])
+    return StoredTurn(
+        messages=row["messages"], item_ids=list(row["item_ids"]), token_generation=row["token_generation"]
+    )

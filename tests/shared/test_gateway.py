@@ -791,6 +791,25 @@ class TestBudget:
         assert period is not None
         assert period["spent_microusd"] <= hold + room
 
+    async def test_usage_reported_above_the_hold_is_charged_as_reported_and_logged(
+        self,
+        online: FakeOpenAI,
+        tdb: TransactionDatabase,
+        db: Connection,
+        org: dict[str, Any],
+        agent: dict[str, Any],
+        log_lines: list[str],
+    ) -> None:
+        online.reply.prompt_tokens, online.reply.completion_tokens = 100, 5000  # the call allowed 400
+
+        result = await ask(tdb, org, agent, request_id="req-over")
+
+        [hold] = await reservations(db, org["id"])
+        assert result.cost_microusd == cost_microusd("gpt-4o-mini", prompt_tokens=100, completion_tokens=5000)
+        assert hold["actual_microusd"] == result.cost_microusd > hold["amount_microusd"], "what the provider bills"
+        [over] = [json.loads(line) for line in log_lines if "usage-above-hold" in line]
+        assert (over["request_id"], over["completion_count"], over["level"]) == ("req-over", 5000, "warning")
+
     async def test_a_call_with_no_room_only_because_of_holds_in_flight_waits_for_them_to_settle(
         self, online: FakeOpenAI, tdb: TransactionDatabase, db: Connection, org: dict[str, Any], agent: dict[str, Any]
     ) -> None:

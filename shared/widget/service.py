@@ -1,4 +1,4 @@
-"""The widget's conversation flow: what ``functions/widget_chat.py`` calls.
+"""The widget's conversation flow: what ``functions/external/widget_chat.py`` calls.
 
 ``chat`` in order (docs/widget.md has the round-trip count and the reasons):
 

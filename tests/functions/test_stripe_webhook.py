@@ -19,7 +19,7 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
-from functions.stripe_webhook import app
+from functions.external.stripe_webhook import app
 from shared.billing.plans import FREE, PRO, STARTER
 from shared.billing.signature import TOLERANCE_SECONDS
 from shared.billing.stripe_client import close_stripe_clients

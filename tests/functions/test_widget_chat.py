@@ -90,7 +90,7 @@ def online(configure: Configure, fake_openai: FakeOpenAI) -> FakeOpenAI:
 @pytest.fixture
 async def app() -> FastAPI:
     # Imported on the running loop: Mangum's constructor creates an event loop when none is running.
-    module = importlib.import_module("functions.widget_chat")
+    module = importlib.import_module("functions.external.widget_chat")
     function_app: FastAPI = module.app
     return function_app
 

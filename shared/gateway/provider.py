@@ -22,7 +22,7 @@ import json
 import sys
 import weakref
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from shared.gateway.schemas import ToolCall
@@ -103,11 +103,17 @@ async def close_clients() -> None:
 @contextlib.asynccontextmanager
 async def _provider_call(config: ProviderConfig) -> AsyncIterator[None]:
     """The call's deadline, and the SDK's failures as our outcomes: the provider's text stays here."""
+    async with _failures(), asyncio.timeout(config.timeout_seconds):
+        yield
+
+
+@contextlib.asynccontextmanager
+async def _failures() -> AsyncIterator[None]:
+    """The SDK's failures and our deadlines as ``ProviderFailure``."""
     import openai
 
     try:
-        async with asyncio.timeout(config.timeout_seconds):
-            yield
+        yield
     except (TimeoutError, openai.APITimeoutError):
         raise ProviderFailure("timeout", "model-timeout") from None
     except openai.APIStatusError as exc:
@@ -204,3 +210,135 @@ def _float32s(encoded: str) -> list[float]:
     if sys.byteorder != "little":  # pragma: no cover - the wire format is little-endian
         values.byteswap()
     return values.tolist()
+
+
+# -- streamed chat ----------------------------------------------------------------------------------
+
+STREAM_MAX_SECONDS = 120.0
+"""The longest a streamed reply may take in all; ``timeout_seconds`` bounds each wait for a chunk."""
+
+
+@dataclass(slots=True)
+class StreamedCompletion:
+    """What a streamed completion has produced so far: filled in by ``stream_complete`` chunk by chunk.
+
+    ``finished`` once the provider sent its finish reason; ``prompt_tokens`` and ``completion_tokens``
+    once it sent the usage chunk (``stream_options.include_usage``), which comes after the finish
+    reason and which some compatible servers never send.
+    """
+
+    content: list[str] = field(default_factory=list)
+    tool_calls: dict[int, tuple[list[str], list[str]]] = field(default_factory=dict)
+    """Per tool-call index: the name's pieces and the arguments' pieces, as they arrived."""
+    finished: bool = False
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+    def text(self) -> str:
+        return "".join(self.content)
+
+    def calls(self) -> list[ToolCall]:
+        """The tool calls of a finished stream, their arguments parsed (``{}`` when not a JSON object)."""
+        calls: list[ToolCall] = []
+        for _, (name, arguments) in sorted(self.tool_calls.items()):
+            parsed = parse_arguments("".join(arguments))
+            if parsed is None:
+                log_event("tool arguments were not a JSON object", decision_reason="tool-arguments-invalid")
+                parsed = {}
+            calls.append(ToolCall("".join(name), parsed))
+        return calls
+
+    def add(self, chunk: Any) -> str:
+        """Take one ``chat.completion.chunk`` (a dict, as sent); returns its text, if any."""
+        usage = chunk.get("usage")
+        if usage is not None:
+            self.prompt_tokens = int(usage["prompt_tokens"])
+            self.completion_tokens = int(usage["completion_tokens"])
+        text = ""
+        for choice in chunk["choices"]:
+            if choice.get("index", 0) != 0:
+                continue
+            delta = choice.get("delta") or {}
+            piece = delta.get("content")
+            if piece:
+                text += str(piece)
+            for call in delta.get("tool_calls") or []:
+                name, arguments = self.tool_calls.setdefault(int(call["index"]), ([], []))
+                function = call.get("function") or {}
+                if function.get("name"):
+                    name.append(str(function["name"]))
+                if function.get("arguments"):
+                    arguments.append(str(function["arguments"]))
+            if choice.get("finish_reason"):
+                self.finished = True
+        if text:
+            self.content.append(text)
+        return text
+
+
+async def stream_complete(
+    config: ProviderConfig,
+    *,
+    model: str,
+    messages: Sequence[tuple[ProviderRole, str]],
+    tools: list[dict[str, Any]] | None,
+    max_tokens: int,
+    temperature: float,
+    request_id: str,
+    into: StreamedCompletion,
+) -> AsyncIterator[str]:
+    """A streamed chat completion: yields each piece of text as it arrives and fills ``into``.
+
+    Raises ``ProviderFailure`` when the provider refuses, fails mid-stream, sends something
+    unusable, sends nothing for ``timeout_seconds`` (a stall), or passes ``STREAM_MAX_SECONDS`` in
+    all; what arrived before stays in ``into``. Closing the generator early closes the provider's
+    stream (the model stops writing).
+
+    The deadlines are taken around each wait for a chunk, never across a ``yield``: a deadline
+    that spanned one would fire in whatever the consumer was doing at the time.
+    """
+    from openai import AsyncStream
+
+    body: dict[str, Any] = {
+        "model": model,
+        "messages": [{"role": role, "content": content} for role, content in messages],
+        "max_completion_tokens": max_tokens,
+        "temperature": temperature,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    if tools:
+        body["tools"] = tools
+    client = _client(config)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + STREAM_MAX_SECONDS
+    async with _failures(), asyncio.timeout_at(min(deadline, loop.time() + config.timeout_seconds)):
+        # Chunks come back as the dicts they were sent as: the SDK's chunk models would cost a
+        # pydantic construction per word.
+        stream = await client.post(
+            "/chat/completions",
+            cast_to=object,
+            body=body,
+            options={"headers": {"X-Client-Request-Id": request_id}},
+            stream=True,
+            stream_cls=AsyncStream[object],
+        )
+    chunks = aiter(stream)
+    try:
+        while True:
+            async with _failures(), asyncio.timeout_at(min(deadline, loop.time() + config.timeout_seconds)):
+                try:
+                    chunk = await anext(chunks)
+                except StopAsyncIteration:
+                    break
+            try:
+                text = into.add(chunk)
+            except (AttributeError, IndexError, KeyError, TypeError, ValueError):
+                raise ProviderFailure("error", "model-malformed-response") from None
+            if text:
+                yield text
+    finally:
+        await stream.close()
+    if not into.finished:
+        # The connection ended without a finish reason: the reply may be cut anywhere.
+        raise ProviderFailure("error", "model-stream-incomplete")

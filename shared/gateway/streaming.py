@@ -11,13 +11,14 @@ still answer with an error instead of a stream. It returns a ``ChatStream``:
   settles its reservation, exactly once however often it is called and even when the caller is
   cancelled while it runs, and returns a ``StreamedChat`` saying how the stream ended.
 
-How each ending is metered (docs/gateway.md, "Streamed calls"):
+How each ending is metered (the rule of docs/gateway.md: never less than the call may have cost):
 
-* finished, with the provider's usage chunk (``stream_options.include_usage``): its token counts;
-* finished without a usage chunk: the reserved bound, logged (``usage-missing``);
-* the model failed or stalled mid-stream: outcome ``error`` or ``timeout``;
-* cut short by the caller (the visitor went away): the model is stopped at once (the provider's
-  stream is closed).
+* the provider's usage chunk arrived (``stream_options.include_usage``): its token counts, ``ok``;
+* finished without a usage chunk: the reserved bound, ``ok``, ``estimated`` (logged ``usage-missing``);
+* the model failed or stalled mid-stream (``error``, ``timeout``), or the caller cut the stream
+  short (``cancelled``: the visitor went away; the provider's stream is closed so the model stops):
+  the reserved bound, ``estimated``, once the request body went out; nothing (the hold released)
+  when it never did or the provider refused it with an HTTP error status.
 """
 
 from __future__ import annotations
@@ -39,10 +40,14 @@ from shared.gateway.service import (
     MAX_COMPLETION_TOKENS,
     BurstPass,
     _admit,
+    _Bound,
+    _client_request_id,
+    _clipped,
     _elapsed_ms,
     _log,
+    _measured,
     _provider_messages,
-    _reported_usage,
+    _unanswered,
 )
 from shared.gateway.tools import accepted_tool_calls, tool_names
 from shared.metering import Usage
@@ -60,8 +65,10 @@ class StreamedChat:
     """How a streamed call ended, and what it was metered at.
 
     ``content`` is all the text that was streamed: the whole reply when ``ending`` is ``finished``,
-    what came before the end otherwise. ``tool_calls`` come only from a finished stream (a tool call
-    cut in the middle has no reliable arguments), limited to the tools offered.
+    what came before the end otherwise (clipped to the transcript limit, saying so). ``tool_calls``
+    come only from a finished stream (a tool call cut in the middle has no reliable arguments),
+    limited to the tools offered. ``estimated``: the cost is the reserved bound, not the provider's
+    figures.
     """
 
     ending: StreamEnding
@@ -74,6 +81,7 @@ class StreamedChat:
     cost_microusd: int
     usage_event_id: int
     offline: bool
+    estimated: bool
 
 
 class ChatStream:
@@ -87,7 +95,7 @@ class ChatStream:
         reservation_id: UUID,
         config: provider.ProviderConfig | None,
         prompt: list[tuple[provider.ProviderRole, str]],
-        prompt_bound: int,
+        bound: _Bound,
         messages: list[ChatMessage],
         knowledge: list[RetrievedChunk],
         tools: list[dict[str, Any]] | None,
@@ -99,7 +107,7 @@ class ChatStream:
         self._reservation_id = reservation_id
         self._config = config
         self._prompt = prompt
-        self._prompt_bound = prompt_bound
+        self._bound = bound
         self._messages = messages
         self._knowledge = knowledge
         self._tools = tools
@@ -141,7 +149,7 @@ class ChatStream:
                 tools=self._tools,
                 max_tokens=self._max_tokens,
                 temperature=self._temperature,
-                request_id=self._usage.request_id,
+                request_id=self._usage.client_request_id or "",
                 into=self._received,
             ):
                 yield text
@@ -163,37 +171,49 @@ class ChatStream:
             # Stops the model if the caller left before the end (closes the provider's stream).
             await self._deltas.aclose()
         received = self._received
-        latency_ms = _elapsed_ms(self._started) if self._started is not None else 0
-        if self._failure is not None:
-            ending: StreamEnding = "failed"
-            usage = replace(self._usage, outcome=self._failure.outcome, latency_ms=latency_ms)
-            _log(usage, "model call failed mid-stream", logging.WARNING, self._failure.reason)
-        elif received.finished:
-            ending = "finished"
-            prompt_tokens, completion_tokens = _reported_usage(
-                received.prompt_tokens, received.completion_tokens, self._prompt_bound, self._max_tokens, self._usage
-            )
+        started = self._started if self._started is not None else time.perf_counter()
+        usage = replace(self._usage, provider_request_id=received.provider_request_id)
+        if received.finished or received.completion_tokens is not None:
+            # Finished, or at least measured: the usage chunk comes after the finish reason.
+            ending: StreamEnding = "finished" if self._failure is None else "failed"
+            measured = _measured(None, received.prompt_tokens, received.completion_tokens, self._bound, usage, None)
             usage = replace(
-                self._usage,
-                prompt_tokens=prompt_tokens,
-                completion_tokens=completion_tokens,
+                usage,
+                prompt_tokens=measured.prompt_tokens,
+                completion_tokens=measured.completion_tokens,
                 cost_microusd=cost_microusd(
-                    self._usage.model, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens
+                    usage.model, prompt_tokens=measured.prompt_tokens, completion_tokens=measured.completion_tokens
                 ),
-                latency_ms=latency_ms,
+                latency_ms=_elapsed_ms(started),
+                estimated=measured.estimated,
+            )
+        elif self._failure is not None:
+            ending = "failed"
+            usage = _unanswered(
+                usage, self._failure.outcome, self._bound, billed=self._failure.may_be_billed, started=started
+            )
+            _log(
+                usage, "model call failed mid-stream", logging.WARNING, self._failure.reason, estimated=usage.estimated
             )
         else:
             ending = "cut_short"
-            usage = replace(self._usage, outcome="error", latency_ms=latency_ms)
-            _log(usage, "streamed call cut short by the caller", logging.INFO, "stream-cut-short")
+            usage = _unanswered(usage, "cancelled", self._bound, billed=received.request_sent, started=started)
+            _log(
+                usage,
+                "streamed call cut short by the caller",
+                logging.INFO,
+                "stream-cut-short",
+                estimated=usage.estimated,
+            )
         try:
             usage_event_id = await metering.record(self._db, usage, reservation_id=self._reservation_id)
         except Exception:
             _log(usage, "could not meter a streamed call", logging.ERROR, "stream-metering-failed")
             raise
+        content, _ = _clipped(received.text())
         return StreamedChat(
             ending=ending,
-            content=received.text(),
+            content=content,
             tool_calls=accepted_tool_calls(self._offline_calls or received.calls(), self._offered)
             if ending == "finished"
             else [],
@@ -204,6 +224,7 @@ class ChatStream:
             cost_microusd=usage.cost_microusd,
             usage_event_id=usage_event_id,
             offline=self._config is None,
+            estimated=usage.estimated,
         )
 
 
@@ -242,12 +263,18 @@ async def open_chat_stream(
         outcome="ok",
         request_id=request_id,
     )
-    bound = prompt_token_bound((content for _, content in prompt), messages=len(prompt), tools=tools or ())
-    estimate = (
-        0 if config is None else max_cost_microusd(model, prompt_token_bound=bound, max_completion_tokens=max_tokens)
-    )
+    if config is None:
+        bound = _Bound(0, 0, 0)
+    else:
+        prompt_bound = prompt_token_bound((content for _, content in prompt), messages=len(prompt), tools=tools or ())
+        bound = _Bound(
+            prompt_bound,
+            max_tokens,
+            max_cost_microusd(model, prompt_token_bound=prompt_bound, max_completion_tokens=max_tokens),
+        )
+        usage = replace(usage, client_request_id=_client_request_id())
     reservation_id = await _admit(
-        db, usage, estimate=estimate, burst_per_minute=burst_per_minute, burst_pass=burst_pass
+        db, usage, estimate=bound.cost_microusd, burst_per_minute=burst_per_minute, burst_pass=burst_pass
     )
     return ChatStream(
         db,
@@ -255,7 +282,7 @@ async def open_chat_stream(
         reservation_id=reservation_id,
         config=config,
         prompt=prompt,
-        prompt_bound=bound,
+        bound=bound,
         messages=messages,
         knowledge=knowledge,
         tools=tools,

@@ -18,7 +18,8 @@
 8. One write (``queries.store_turn``): the conversation, both messages and any review items.
 
 Degradation: the model failing or timing out gives the visitor a friendly reply and the team an
-escalation (the gateway charged nothing); the budget exhausted or the organization's burst limit
+escalation (the gateway charges nothing, or its reserved bound when the request reached the
+provider, which may bill it: docs/gateway.md); the budget exhausted or the organization's burst limit
 hit gives ``AgentUnavailable`` (503, ``Retry-After``) with nothing stored and no model called; a
 database that cannot be reached is ``DependencyUnavailable`` (503, ``Retry-After``).
 """

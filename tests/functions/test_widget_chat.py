@@ -799,7 +799,7 @@ GENERATED_FIELDS = ("conversation_id", "visitor_token", "visitor_token_expires_a
 
 class TestModelFailures:
     @pytest.mark.parametrize("failure", ["error", "timeout"])
-    async def test_a_failing_model_gives_a_friendly_reply_and_an_escalation_at_no_cost(
+    async def test_a_failing_model_gives_a_friendly_reply_and_an_escalation(
         self,
         failure: str,
         db: Connection,
@@ -835,12 +835,17 @@ class TestModelFailures:
         assert item["payload"]["reason"] == "model_unavailable"
         assert item["payload"]["summary"] == "Can I change my delivery address?"
         assert str(item["conversation_id"]) == body["conversation_id"]
-        usage = await rows(
+        [usage] = await rows(
             db,
-            "select outcome, cost_microusd from public.usage_events where org_id = %s and kind = 'chat'",
+            "select outcome, cost_microusd, estimated from public.usage_events where org_id = %s and kind = 'chat'",
             widget.org["id"],
         )
-        assert usage == [{"outcome": failure, "cost_microusd": 0}]
+        assert usage["outcome"] == failure
+        if failure == "error":  # the provider answered 500: nothing billed
+            assert (usage["cost_microusd"], usage["estimated"]) == (0, False)
+        else:  # the request went out and the provider may still bill it: charged at its bound
+            assert usage["cost_microusd"] > 0
+            assert usage["estimated"] is True
         [conversation] = await rows(
             db, "select status from public.conversations where id = %s", body["conversation_id"]
         )

@@ -283,6 +283,8 @@ class TestVisitorLeaves:
 
         assert await asyncio.to_thread(online.stream_closed.wait, 5), "the model was stopped"
         [row] = await usage(db, widget.org["id"])
+        assert (row["outcome"], row["estimated"]) == ("cancelled", True), "charged at its bound, as an estimate"
+        assert row["cost_microusd"] > 0
         assert await held(db, widget.org["id"]) == 0, "the reservation was settled at once, not left to expire"
         [visitor, reply] = await messages(db, widget.org["id"])
         assert visitor["role"] == "visitor"
@@ -309,7 +311,7 @@ class TestModelFailsMidStream:
         assert "server had an error" not in json.dumps([e.data for e in result.events])
         await request_finished(log_lines)
         [row] = await usage(db, widget.org["id"])
-        assert row["outcome"] == "error"
+        assert (row["outcome"], row["estimated"]) == ("error", True)
         [_, reply] = await messages(db, widget.org["id"])
         assert (reply["content"], reply["partial"], reply["usage_event_id"]) == (result.text, True, row["id"])
         [item] = await rows(db, "select * from public.review_items where org_id = %s", widget.org["id"])

@@ -72,10 +72,17 @@ class TestStreamedCalls:
         [request] = online.requests_to("/v1/chat/completions")
         assert request.body["stream"] is True
         assert request.body["stream_options"] == {"include_usage": True}
-        assert request.headers["x-client-request-id"] == "req-streamed"
-        cost = cost_microusd("gpt-4o-mini", prompt_tokens=1234, completion_tokens=56)
-        assert (result.ending, result.outcome, result.cost_microusd) == ("finished", "ok", cost)
         [row] = await usage_rows(db, org["id"])
+        assert request.headers["x-client-request-id"] == row["client_request_id"], "each call has its own id"
+        assert row["provider_request_id"] == online.answered_ids[-1]
+        cost = cost_microusd("gpt-4o-mini", prompt_tokens=1234, completion_tokens=56)
+        assert (result.ending, result.outcome, result.cost_microusd, result.estimated) == (
+            "finished",
+            "ok",
+            cost,
+            False,
+        )
+        assert row["estimated"] is False
         assert (row["id"], row["outcome"], row["prompt_tokens"], row["completion_tokens"], row["cost_microusd"]) == (
             result.usage_event_id,
             "ok",
@@ -115,6 +122,7 @@ class TestStreamedCalls:
         [reservation] = await reservations(db, org["id"])
         assert row["completion_tokens"] == 300, "the completion bound the provider enforces"
         assert row["cost_microusd"] == reservation["amount_microusd"] == result.cost_microusd
+        assert (row["outcome"], row["estimated"]) == ("ok", True), "the row says the cost is an estimate"
         assert reservation["status"] == "settled"
         assert any(json.loads(line).get("decision_reason") == "usage-missing" for line in log_lines)
 
@@ -134,7 +142,7 @@ class TestStreamedCalls:
             (CAPTURE_LEAD, lead),
         ]
 
-    async def test_a_model_failing_mid_stream_ends_the_text_and_is_metered_as_an_error(
+    async def test_a_model_failing_mid_stream_ends_the_text_and_is_charged_at_its_bound_as_an_estimate(
         self, online: FakeOpenAI, tdb: TransactionDatabase, db: Connection, org: dict[str, Any], agent: dict[str, Any]
     ) -> None:
         online.reply.content = REPLY
@@ -145,7 +153,10 @@ class TestStreamedCalls:
         assert "".join(pieces) == result.content == " ".join(REPLY.split()[:3]) + " "
         assert (result.ending, result.outcome, result.tool_calls) == ("failed", "error", [])
         [row] = await usage_rows(db, org["id"])
-        assert (row["id"], row["outcome"]) == (result.usage_event_id, "error")
+        [reservation] = await reservations(db, org["id"])
+        assert (row["id"], row["outcome"], row["estimated"]) == (result.usage_event_id, "error", True)
+        assert row["cost_microusd"] == reservation["amount_microusd"] > 0, "the model wrote words it may bill"
+        assert reservation["status"] == "settled"
         assert "server had an error" not in result.content
 
     async def test_a_model_stalling_mid_stream_is_a_timeout(
@@ -166,7 +177,12 @@ class TestStreamedCalls:
         assert len(pieces) == 2
         assert (result.ending, result.outcome) == ("failed", "timeout")
         [row] = await usage_rows(db, org["id"])
-        assert row["outcome"] == "timeout"
+        [reservation] = await reservations(db, org["id"])
+        assert (row["outcome"], row["estimated"], row["cost_microusd"]) == (
+            "timeout",
+            True,
+            reservation["amount_microusd"],
+        )
         assert await asyncio.to_thread(online.stream_closed.wait, 5), "the stalled stream was closed"
 
     async def test_a_refused_request_is_a_failure_with_no_text(
@@ -177,6 +193,8 @@ class TestStreamedCalls:
         pieces, result = await read_all(await open_stream(tdb, org, agent))
 
         assert (pieces, result.ending, result.outcome, result.cost_microusd) == ([], "failed", "error", 0)
+        [row] = await usage_rows(db, org["id"])
+        assert row["estimated"] is False, "an HTTP error status before the first chunk is not billed"
         [reservation] = await reservations(db, org["id"])
         assert reservation["status"] == "released"
 
@@ -198,9 +216,10 @@ class TestCutShort:
         assert (result.ending, result.content) == ("cut_short", first)
         assert await asyncio.to_thread(online.stream_closed.wait, 5), "the provider's stream was closed"
         [row] = await usage_rows(db, org["id"])
-        assert row["id"] == result.usage_event_id
         [reservation] = await reservations(db, org["id"])
-        assert reservation["status"] != "held", "the reservation is settled or released, not left to expire"
+        assert (row["id"], row["outcome"], row["estimated"]) == (result.usage_event_id, "cancelled", True)
+        assert row["cost_microusd"] == reservation["amount_microusd"], "never metered for less than it may cost"
+        assert reservation["status"] == "settled", "settled at once, not left to expire"
 
     async def test_a_cancelled_reader_is_still_metered_once(
         self, online: FakeOpenAI, tdb: TransactionDatabase, db: Connection, org: dict[str, Any], agent: dict[str, Any]
@@ -221,7 +240,22 @@ class TestCutShort:
 
         assert (result.ending, result.content) == ("cut_short", "")
         assert await asyncio.to_thread(online.stream_closed.wait, 5)
-        assert [row["id"] for row in await usage_rows(db, org["id"])] == [result.usage_event_id]
+        [row] = await usage_rows(db, org["id"])
+        assert (row["id"], row["outcome"], row["estimated"]) == (result.usage_event_id, "cancelled", True)
+
+    async def test_a_stream_never_read_costs_nothing(
+        self, online: FakeOpenAI, tdb: TransactionDatabase, db: Connection, org: dict[str, Any], agent: dict[str, Any]
+    ) -> None:
+        stream = await open_stream(tdb, org, agent)
+
+        result = await stream.finish()
+
+        assert online.requests == []
+        [row] = await usage_rows(db, org["id"])
+        assert (row["outcome"], row["estimated"], row["cost_microusd"]) == ("cancelled", False, 0)
+        [reservation] = await reservations(db, org["id"])
+        assert reservation["status"] == "released"
+        assert result.ending == "cut_short"
 
     async def test_a_stream_is_read_once(
         self, online: FakeOpenAI, tdb: TransactionDatabase, org: dict[str, Any], agent: dict[str, Any]

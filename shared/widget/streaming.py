@@ -30,10 +30,13 @@ from typing import Literal
 from uuid import UUID
 
 from shared import gateway, reviews
+from shared.connections import outbox
 from shared.db.session import Database
 from shared.errors import BudgetExhausted, ModelUnavailable, RateLimited
 from shared.gateway import WIDGET_TOOLS, ChatStream, StreamedChat
 from shared.logs import DECISION_REASON, ORG_ID, REQUEST_ID, log_event
+from shared.queues import PRODUCTION as QUEUE
+from shared.queues import QueueEnvironment
 from shared.web.sse import event
 from shared.widget import cors, queries, service, visitor_tokens
 from shared.widget.errors import AgentUnavailable, ConversationNotFound, WidgetNotFound
@@ -84,6 +87,7 @@ class StreamedTurn:
         received_at: datetime,
         request_id: str,
         stream: ChatStream | None,
+        queue: QueueEnvironment,
     ) -> None:
         self._db = db
         self._context = context
@@ -94,11 +98,21 @@ class StreamedTurn:
         self._received_at = received_at
         self._request_id = request_id
         self._stream = stream
+        self._queue = queue
         self._settling: asyncio.Task[_Settled] | None = None
 
     async def events(self) -> AsyncIterator[bytes]:
+        # The token names the generation this turn's write will give the conversation (a new one
+        # starts at 1, each stored turn adds one). The token comes first, before that write: if
+        # another turn of the conversation is stored meanwhile, this token is one generation behind
+        # and still accepted; if this turn is not stored, it names a generation still to come.
+        context = self._context
+        generation = (context.token_generation or 0) + 1 if context.conversation_id is not None else 1
         token, expires_at = visitor_tokens.issue(
-            conversation_id=self._conversation_id, agent_id=self._context.agent_id, visitor_id=self._visitor_id
+            conversation_id=self._conversation_id,
+            agent_id=context.agent_id,
+            visitor_id=self._visitor_id,
+            generation=generation,
         )
         yield event(
             "conversation",
@@ -176,9 +190,20 @@ class StreamedTurn:
         except Exception as exc:
             _log(self._request_id, context.org_id, "streamed turn not stored", "stream-store-failed", exc)
             raise
-        if stored.messages == 0:
-            # The conversation changed hands between the read and the write; nothing was written into it.
+        if stored.messages == 0 or stored.token_generation is None:
+            # The conversation changed hands or was closed between the read and the write; nothing
+            # was written into it.
             return _Settled("answered", error=ConversationNotFound().detail)
+        try:  # committed: now the queue may hear of the deliveries (a lost message is the sweeper's)
+            await outbox.announce(self._db, self._queue, stored.item_ids)
+        except Exception as exc:
+            _log(
+                self._request_id,
+                context.org_id,
+                "deliveries not announced; the sweeper sends them",
+                "announce-failed",
+                exc,
+            )
         return settled
 
     @staticmethod
@@ -206,6 +231,7 @@ async def open_chat_stream(
     request: ChatRequest,
     client_address: str,
     request_id: str,
+    queue: QueueEnvironment = QUEUE,
 ) -> service.Served[StreamedTurn]:
     """Admit a streamed turn: everything that may refuse it, as ``service.chat`` does and with the same
     answers, up to the model call's reservation. The model is called when the events are read."""
@@ -238,6 +264,7 @@ async def open_chat_stream(
         received_at=received_at,
         request_id=request_id,
         stream=stream,
+        queue=queue,
     )
     return service.Served(turn, headers, str(context.org_id))
 

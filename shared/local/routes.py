@@ -25,7 +25,7 @@ FUNCTIONS_DIR = ROOT / "functions"
 @dataclass(frozen=True)
 class Rewrite:
     source: str
-    function: str  # module name under functions/
+    function: str  # module name under functions/, dotted for a function in a subfolder ("scanner.cron_scans")
 
     @property
     def pattern(self) -> re.Pattern[str]:
@@ -44,10 +44,10 @@ def rewrites() -> list[Rewrite]:
     result = []
     for rule in load_config().get("rewrites", []):
         destination = rule["destination"]
-        match = re.fullmatch(r"/functions/(\w+)\.py", destination)
+        match = re.fullmatch(r"/functions/([\w/]+)\.py", destination)
         if not match:
             raise ValueError(f"vercel.json rewrite to something other than a function: {destination}")
-        result.append(Rewrite(source=rule["source"], function=match.group(1)))
+        result.append(Rewrite(source=rule["source"], function=match.group(1).replace("/", ".")))
     return result
 
 
@@ -78,7 +78,13 @@ def content_type(file: Path) -> str:
 
 
 def function_modules() -> list[str]:
-    return sorted(p.stem for p in FUNCTIONS_DIR.glob("*.py") if p.stem != "__init__")
+    """Every function, as its module name under functions/ (a subfolder has its own dependencies)."""
+    files = FUNCTIONS_DIR.rglob("[!_]*.py")
+    return sorted(".".join(p.relative_to(FUNCTIONS_DIR).with_suffix("").parts) for p in files)
+
+
+def function_file(module: str) -> Path:
+    return FUNCTIONS_DIR.joinpath(*module.split(".")).with_suffix(".py")
 
 
 class LocalRouter:

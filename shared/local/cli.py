@@ -2,7 +2,7 @@
 
 hiredhands db    embedded Postgres with bootstrap, migrations and seed; prints DATABASE_URL first
 hiredhands dev   the whole stack: database, Redis behind the Upstash REST bridge, every function
-                 on one port at its vercel.json paths
+                 on one port at its vercel.json paths, the queue dev server and its subscribers
 """
 
 from __future__ import annotations
@@ -123,11 +123,16 @@ def cmd_dev(args: argparse.Namespace) -> None:
     os.environ.update(
         _local_environment(server.url(DATABASE, user="authenticator"), f"http://127.0.0.1:{bridge_port}", redis_token)
     )
+    from shared.local.queue import run_subscribers_in_thread, start_queue_server
+
+    queue_process, queue_environment = start_queue_server()
+    os.environ.update(queue_environment)
     from shared.local.routes import LocalRouter
     from shared.settings import get_settings
 
     get_settings.cache_clear()
     _serve_in_thread(LocalRouter(), args.port)
+    run_subscribers_in_thread()
 
     import jwt
 
@@ -148,6 +153,7 @@ def cmd_dev(args: argparse.Namespace) -> None:
     print(f"HiredHands local stack serving at {base}", flush=True)
     print(f"  database (as the API login role): {server.url(DATABASE, user='authenticator')}")
     print(f"  redis: {redis_url} behind the Upstash REST bridge at http://127.0.0.1:{bridge_port}")
+    print(f"  queue: the vercel-queue dev server at {queue_environment['VERCEL_QUEUE_BASE_URL']}")
     print(f"  demo user: {DEMO_USER['email']} ({DEMO_USER['id']})")
     print(f"  demo access token (12 h): {token}")
     print(f"  demo widget key: {DEMO_WIDGET_KEY}")
@@ -160,6 +166,7 @@ def cmd_dev(args: argparse.Namespace) -> None:
     try:
         _wait_forever()
     finally:
+        queue_process.terminate()
         if redis_process is not None:
             redis_process.terminate()
 

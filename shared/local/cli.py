@@ -2,7 +2,8 @@
 
 hiredhands db    embedded Postgres with bootstrap, migrations and seed; prints DATABASE_URL first
 hiredhands dev   the whole stack: database, Redis behind the Upstash REST bridge, every function
-                 on one port at its vercel.json paths, and the vercel.json crons on their schedules
+                 on one port at its vercel.json paths, the vercel.json crons on their schedules,
+                 the queue dev server and its subscribers, and the demo site (shared/local/demo.py)
 """
 
 from __future__ import annotations
@@ -126,11 +127,21 @@ def cmd_dev(args: argparse.Namespace) -> None:
     os.environ.update(
         _local_environment(server.url(DATABASE, user="authenticator"), f"http://127.0.0.1:{bridge_port}", redis_token)
     )
+    from shared.local.demo import DemoSite, allow_demo_origins
+    from shared.local.queue import run_subscribers_in_thread, start_queue_server
+
+    queue_process, queue_environment = start_queue_server()
+    os.environ.update(queue_environment)
     from shared.local.routes import LocalRouter
     from shared.settings import get_settings
 
     get_settings.cache_clear()
-    _serve_in_thread(LocalRouter(), args.port)
+    refused_port = _free_port() if _port_open("127.0.0.1", args.port + 1) else args.port + 1
+    allow_demo_origins(server.url(DATABASE), DEMO_WIDGET_KEY, args.port)
+    site = DemoSite(api_port=args.port, widget_key=DEMO_WIDGET_KEY, allowed=True, refused_port=refused_port)
+    _serve_in_thread(LocalRouter(site), args.port)
+    _serve_in_thread(DemoSite(api_port=args.port, widget_key=DEMO_WIDGET_KEY, allowed=False), refused_port)
+    run_subscribers_in_thread()
 
     import jwt
 
@@ -149,8 +160,12 @@ def cmd_dev(args: argparse.Namespace) -> None:
     )
     base = f"http://127.0.0.1:{args.port}"
     print(f"HiredHands local stack serving at {base}", flush=True)
+    print(
+        f"  demo site with the widget: http://localhost:{args.port}/ (refused origin: http://localhost:{refused_port}/)"
+    )
     print(f"  database (as the API login role): {server.url(DATABASE, user='authenticator')}")
     print(f"  redis: {redis_url} behind the Upstash REST bridge at http://127.0.0.1:{bridge_port}")
+    print(f"  queue: the vercel-queue dev server at {queue_environment['VERCEL_QUEUE_BASE_URL']}")
     print(f"  demo user: {DEMO_USER['email']} ({DEMO_USER['id']})")
     print(f"  demo access token (12 h): {token}")
     print(f"  demo widget key: {DEMO_WIDGET_KEY}")
@@ -169,6 +184,7 @@ def cmd_dev(args: argparse.Namespace) -> None:
         _wait_forever()
     finally:
         stop.set()
+        queue_process.terminate()
         if redis_process is not None:
             redis_process.terminate()
 

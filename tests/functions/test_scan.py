@@ -37,7 +37,9 @@ def site() -> Iterator[FakeSite]:
 @pytest.fixture
 def env(site: FakeSite) -> ScanEnvironment:
     site.reset()
-    return ScanEnvironment(policy=site.policy(), resolver=site.resolver(), politeness_seconds=0, concurrency=1)
+    return ScanEnvironment(
+        policy=site.policy(), resolver=site.resolver(), politeness_seconds=0, concurrency=1, stale_after_seconds=0
+    )
 
 
 async def _client(target: FastAPI, db: Connection, env: ScanEnvironment) -> AsyncIterator[httpx.AsyncClient]:

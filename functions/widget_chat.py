@@ -19,10 +19,9 @@ OriginHeader = Annotated[str | None, Header(alias="origin")]
 
 
 @router.get("/api/widget/{key}/config")
-async def config(key: str, db: Db, request: Request, response: Response, origin: OriginHeader = None) -> WidgetConfig:
+async def config(key: str, db: Db, request: Request, origin: OriginHeader = None) -> WidgetConfig:
     served = await service.widget_config(db, key=key, origin=origin)
     request.state.org_id = served.org_id
-    response.headers.update(served.headers)
     return served.body
 
 
@@ -37,7 +36,6 @@ async def chat(
     key: str,
     body: ChatRequest,
     request: Request,
-    response: Response,
     db: Db,
     origin: OriginHeader = None,
     authorization: Annotated[str | None, Header()] = None,
@@ -53,9 +51,9 @@ async def chat(
         request_id=request.state.request_id,
     )
     request.state.org_id = served.org_id
-    response.headers.update(served.headers)
     return served.body
 
 
-app = create_app("widget_chat", [router])
+# Every answer depends on the Origin it was asked from (CORS), errors included: caches must know.
+app = create_app("widget_chat", [router], headers={"Vary": "Origin"})
 lambda_handler = Mangum(app, lifespan="off")

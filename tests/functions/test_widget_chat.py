@@ -45,6 +45,7 @@ from tests.conftest import (
     without_generated_ids,
 )
 from tests.factories import add_member, closed_port, create_agent, create_org, user_claims
+from tests.fakes.hung_peer import hung_peer
 from tests.fakes.openai_server import FakeOpenAI, running_fake_openai
 
 ORIGIN = "https://shop.example"
@@ -714,6 +715,54 @@ class TestRateLimits:
         assert len(fallbacks) == 3
         assert fallbacks[0]["org_id"] == str(widget.org["id"])
         assert fallbacks[0]["error_type"]
+
+
+class TestHungRedis:
+    """A Redis that accepts connections and never answers (a real loopback peer, not a closed port)."""
+
+    TIMEOUT_SECONDS = 1.5
+
+    async def test_a_turn_costs_at_most_one_timeout_and_the_next_turn_none(
+        self,
+        db: Connection,
+        online: FakeOpenAI,
+        configure: Configure,
+        client: httpx.AsyncClient,
+        make_widget: Callable[..., Any],
+        log_lines: list[str],
+    ) -> None:
+        widget = await make_widget()
+        await superuser(db)
+        await db.execute(
+            "insert into public.knowledge_chunks (org_id, agent_id, title, content) values (%s, %s, 'Hours', %s)",
+            (widget.org["id"], widget.agent["id"], "We open at 9."),
+        )
+        # A first turn with Redis up, so the timings below hold no first-use costs (SDK imports, clients).
+        assert (await send(client, widget, "Hello", address="192.0.2.9")).status_code == 200
+        online.requests.clear()
+        async with hung_peer() as peer:
+            # Three Redis calls per turn: the visitor's limit, the burst limit before the embedding and
+            # before the reply. Each used to wait for its own timeout.
+            configure(UPSTASH_REDIS_REST_URL=peer.url, UPSTASH_REDIS_TIMEOUT_SECONDS=str(self.TIMEOUT_SECONDS))
+            await close_redis()
+
+            started = time.perf_counter()
+            first = await send(client, widget, "When do you open?", address="192.0.2.1")
+            first_seconds = time.perf_counter() - started
+            after_first = peer.requests
+            started = time.perf_counter()
+            second = await send(client, widget, "And on Sundays?", address="192.0.2.2")
+            second_seconds = time.perf_counter() - started
+
+        assert first.status_code == 200, first.text
+        assert second.status_code == 200, second.text
+        assert after_first == 1, "the first turn waited on Redis once; its other calls took the fallback at once"
+        assert peer.requests == 1, "within the open time, the next turn does not ask Redis at all"
+        assert first_seconds < 2 * self.TIMEOUT_SECONDS, f"one timeout, not three: {first_seconds:.2f} s"
+        assert second_seconds < self.TIMEOUT_SECONDS, f"no timeout at all: {second_seconds:.2f} s"
+        assert len(online.requests_to("/v1/embeddings")) == 2, "both turns were answered in full"
+        reasons = [json.loads(line).get("decision_reason") for line in log_lines]
+        assert reasons.count("ratelimit-fallback") == 2, "each turn counted its visitor limit in Postgres"
 
 
 # -- budgets and degradation ------------------------------------------------------------------------

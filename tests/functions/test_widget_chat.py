@@ -23,6 +23,8 @@ import psycopg
 import pytest
 import redis
 from fastapi import FastAPI
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from psycopg import AsyncConnection
 from psycopg.rows import dict_row
 
@@ -35,6 +37,7 @@ from shared.settings import get_settings
 from shared.widget import visitor_tokens
 from shared.widget.schemas import MAX_CONVERSATION_MESSAGES, MAX_MESSAGE_CHARS
 from shared.widget.service import MODEL_FAILURE_REPLY
+from tests.card_data import every_body, free_text_with_card, pans
 from tests.conftest import (
     Connection,
     TransactionDatabase,
@@ -572,6 +575,65 @@ class TestOrigins:
         assert (await send(client, widget, origin="null")).status_code == 403
 
 
+def _bad_requests(widget: Widget) -> dict[str, tuple[str, str, dict[str, Any]]]:
+    """Requests refused at every stage, before and after the agent is known: name -> (method, path, kwargs)."""
+    json_type = {"content-type": "application/json"}
+    return {
+        "unknown key": ("POST", f"/api/widget/{new_key()}/chat", {"json": {"message": "hi"}}),
+        "unknown key config": ("GET", f"/api/widget/{new_key()}/config", {}),
+        "method not allowed": ("PUT", widget.chat_path, {"json": {"message": "hi"}}),
+        "validation": ("POST", widget.chat_path, {"json": {"message": ""}}),
+        "malformed json": ("POST", widget.chat_path, {"content": b'{"message": ', "headers": json_type}),
+        "invalid utf-8": ("POST", widget.chat_path, {"content": b'{"message": "\xff\xfe"}', "headers": json_type}),
+        "nested too deep": (
+            "POST",
+            widget.chat_path,
+            {"content": b'{"message": ' + b"[" * 5000 + b"]" * 5000 + b"}", "headers": json_type},
+        ),
+        "half a surrogate": ("POST", widget.chat_path, {"content": b'{"message": "\\ud800"}', "headers": json_type}),
+        "card data": ("POST", widget.chat_path, {"json": {"message": "4242 4242 4242 4242"}}),
+        "too large": ("POST", widget.chat_path, {"content": b"x" * 70_000, "headers": json_type}),
+        "bad token": ("POST", widget.chat_path, {"json": {"message": "hi"}, "headers": {"Authorization": "Bearer x"}}),
+    }
+
+
+class TestEveryAnswerKeepsItsHeaders:
+    @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(
+        kind=st.sampled_from(sorted(_bad_requests(Widget({}, {}, new_key())))),
+        origin=st.sampled_from([ORIGIN, OTHER_ORIGIN, None]),
+    )
+    async def test_vary_origin_request_id_and_no_store_on_every_refusal(
+        self, client: httpx.AsyncClient, make_widget: Callable[..., Any], kind: str, origin: str | None
+    ) -> None:
+        widget = await make_widget()
+        method, path, request = _bad_requests(widget)[kind]
+        headers = {**request.pop("headers", {}), **({"Origin": origin} if origin else {})}
+
+        response = await client.request(method, path, headers=headers, **request)
+
+        assert 400 <= response.status_code < 500, f"{kind}: {response.status_code} {response.text[:200]}"
+        assert response.headers["content-type"] == "application/problem+json", kind
+        assert response.headers.get_list("vary") == ["Origin"], kind
+        assert response.headers["cache-control"] == "no-store", kind
+        assert response.headers["x-request-id"] == response.json()["request_id"], kind
+        if origin != ORIGIN:
+            assert "access-control-allow-origin" not in response.headers, kind
+
+    async def test_unreadable_bodies_are_422_problems_that_say_why(
+        self, client: httpx.AsyncClient, make_widget: Callable[..., Any]
+    ) -> None:
+        widget = await make_widget()
+        for kind in ("invalid utf-8", "nested too deep", "half a surrogate"):
+            method, path, request = _bad_requests(widget)[kind]
+            response = await client.request(method, path, **request)
+            assert response.status_code == 422, f"{kind}: {response.text}"
+            body = problem(response)
+            assert body["type"].endswith("/validation-error"), kind
+            assert body["detail"].startswith("body: "), kind
+            assert body["errors"] == [{"loc": ["body"], "msg": body["detail"].removeprefix("body: ")}], kind
+
+
 # -- malformed input --------------------------------------------------------------------------------
 
 
@@ -1041,6 +1103,50 @@ class TestCardData:
         assert "4242" not in without_generated_ids(response.text)
         assert await rows(db, "select id from public.messages where org_id = %s", widget.org["id"]) == []
         assert len(online.requests_to("/v1/chat/completions")) == before, "the number never reached a model"
+
+    @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(case=free_text_with_card())
+    async def test_a_card_number_in_any_encoding_is_refused_and_never_stored_logged_or_sent(
+        self,
+        db: Connection,
+        online: FakeOpenAI,
+        client: httpx.AsyncClient,
+        make_widget: Callable[..., Any],
+        log_lines: list[str],
+        case: tuple[str, str],
+    ) -> None:
+        text, pan = case
+        widget = await make_widget()
+        before = len(online.requests)
+        for body in every_body({"message": text}):
+            response = await client.post(
+                widget.chat_path, content=body.content, headers={"Origin": ORIGIN, "content-type": body.content_type}
+            )
+            assert response.status_code == 422, f"{body.encoding}: {response.text}"
+            assert problem(response)["type"].endswith("/card-data-refused"), body.encoding
+            assert response.headers["vary"] == "Origin"
+            assert pan not in without_generated_ids(response.text)
+        assert all(pan not in without_generated_ids(line) for line in log_lines)
+        assert await rows(db, "select id from public.messages where org_id = %s", widget.org["id"]) == []
+        assert len(online.requests) == before, "the number never reached a model"
+
+    @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(pan=pans())
+    async def test_a_card_number_as_a_field_name_never_comes_back(
+        self, client: httpx.AsyncClient, make_widget: Callable[..., Any], log_lines: list[str], pan: str
+    ) -> None:
+        widget = await make_widget()
+        escaped_key = "".join(f"\\u{ord(c):04x}" for c in pan)  # the raw body holds no digit run
+        for content in (f'{{"message": "hi", "{escaped_key}": 1}}', f'{{"message": "hi", "x": {{"{pan}": 1}}}}'):
+            response = await client.post(
+                widget.chat_path,
+                content=content.encode(),
+                headers={"Origin": ORIGIN, "content-type": "application/json"},
+            )
+            assert response.status_code == 422, response.text
+            assert problem(response)["type"].endswith("/card-data-refused")
+            assert pan not in response.text
+        assert all(pan not in line for line in log_lines)
 
 
 class TestKnowledge:

@@ -39,6 +39,8 @@ class Settings(BaseSettings):
     supabase_url: str = ""
     supabase_jwt_secret: SecretStr = SecretStr("")
     supabase_jwks_url: str = ""
+    # Server-side Supabase client (team invitations through the Auth admin API). Never sent anywhere else.
+    supabase_service_role_key: SecretStr = SecretStr("")
     jwt_audience: str = "authenticated"
 
     # Signs widget visitor tokens; separate from every other key.

@@ -49,7 +49,8 @@ async def _send_problem(send: Send, error: DomainError, request_id: str) -> None
 
 
 class RequestContextMiddleware:
-    """Request id, body-size cap and the canonical log line for one request."""
+    """Request id, body-size cap, the headers every answer carries, the 500 for anything unexpected,
+    and the canonical log line, for one request."""
 
     def __init__(
         self, app: ASGIApp, *, function: str, max_body_bytes: int, headers: Mapping[str, str] | None = None

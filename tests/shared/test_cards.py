@@ -3,6 +3,7 @@ values (webhook URLs, ids, tokens) never; both directions proved with generated 
 
 from __future__ import annotations
 
+import importlib
 import json
 import uuid
 from typing import Annotated, Any, Literal
@@ -29,6 +30,7 @@ from shared.cards import (
     refuse_card_data,
 )
 from shared.connections.schemas import ConnectionCreate
+from shared.local.routes import function_modules
 from shared.widget.schemas import ChatRequest
 from tests.card_data import (
     discord_webhook_urls,
@@ -40,6 +42,7 @@ from tests.card_data import (
     webhook_urls_with_numeric_ids,
     written,
 )
+from tests.test_vercel_routes import _api_routes as api_routes
 
 # Stripe's documented test numbers: Visa, Mastercard, Amex (15), Diners (14), a 19-digit Visa.
 PANS = ["4242424242424242", "5555555555554444", "378282246310005", "36227206271667", "4000000760000002"]
@@ -235,3 +238,35 @@ class TestRefusal:
         assert not contains_pan(redacted)
         assert redacted.startswith("loc ")
         assert redacted.endswith(" end")
+
+
+# Every request body field the card scan skips, by function and route: a reviewed, enumerated list.
+EXPECTED_EXEMPTIONS = {
+    ("billing", "/api/billing/checkout"): {("org_id",)},
+    ("billing", "/api/billing/portal"): {("org_id",)},
+    ("connection_verify", "/api/connections"): {
+        ("org_id",),
+        ("parent", "id"),
+        ("repository",),
+        ("signing_secret",),
+        ("token",),
+        ("url",),
+        ("webhook_url",),
+    },
+    ("invitations", "/api/invitations"): {("email",), ("org_id",)},
+    ("scan", "/api/scans"): {("agent_id",), ("start_url",)},
+    ("widget_chat", "/api/widget/{key}/chat"): {("conversation_id",)},
+}
+
+
+class TestEveryExemptionIsListed:
+    async def test_the_fields_skipped_by_the_scan_are_exactly_the_reviewed_ones(self) -> None:
+        found: dict[tuple[str, str], set[tuple[str, ...]]] = {}
+        for name in function_modules():
+            app = getattr(importlib.import_module(f"functions.{name}"), "app", None)
+            if app is None:  # queue consumers take no HTTP bodies
+                continue
+            for route in api_routes(app.routes):
+                if route.body_field is not None and (paths := identifier_paths(route.body_field.field_info.annotation)):
+                    found[(name, route.path)] = set(paths)
+        assert found == EXPECTED_EXEMPTIONS

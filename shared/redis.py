@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import httpx
@@ -48,12 +49,13 @@ class CircuitBreaker:
     open_seconds: float = BREAKER_OPEN_SECONDS
     open_until: float = 0.0
     probing: bool = field(default=False, repr=False)
+    clock: Callable[[], float] = field(default=time.monotonic, repr=False)
 
     def admit(self) -> bool:
         """Whether a request may go to Redis now; ``True`` makes the caller the probe when half-open."""
         if self.open_until == 0.0:
             return True
-        if self.probing or time.monotonic() < self.open_until:
+        if self.probing or self.clock() < self.open_until:
             return False
         self.probing = True
         return True
@@ -63,7 +65,7 @@ class CircuitBreaker:
         self.probing = False
 
     def timed_out(self) -> None:
-        self.open_until = time.monotonic() + self.open_seconds
+        self.open_until = self.clock() + self.open_seconds
         self.probing = False
 
     def gave_up(self) -> None:

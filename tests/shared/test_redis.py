@@ -8,6 +8,8 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from shared.redis import CircuitBreaker, RedisCircuitOpen, make_redis
 from tests.factories import closed_port
@@ -99,3 +101,56 @@ class TestCircuitBreaker:
             finally:
                 await second.close()
             assert peer.requests == 1
+
+
+class TestBreakerProperties:
+    """Any sequence of requests, outcomes and elapsed time, on a clock the test controls."""
+
+    @settings(max_examples=300, deadline=None)
+    @given(
+        st.lists(
+            st.one_of(
+                st.just(("request", "answered")),
+                st.just(("request", "timed out")),
+                st.just(("request", "refused")),
+                st.tuples(st.just("wait"), st.floats(0, 30)),
+            ),
+            max_size=60,
+        )
+    )
+    def test_a_timeout_costs_one_wait_per_open_period_and_an_answer_closes_it(
+        self, steps: list[tuple[str, object]]
+    ) -> None:
+        now = [0.0]
+        breaker = CircuitBreaker(open_seconds=15, clock=lambda: now[0])
+        last_timeout: float | None = None
+        for kind, value in steps:
+            if kind == "wait":
+                assert isinstance(value, float)
+                now[0] += value
+                continue
+            admitted = breaker.admit()
+            if last_timeout is not None and now[0] - last_timeout < 15:
+                assert not admitted, "within the open time after a timeout nothing reaches Redis"
+            if not admitted:
+                continue
+            if value == "answered":
+                breaker.succeeded()
+                last_timeout = None
+                assert not breaker.is_open
+            elif value == "timed out":
+                breaker.timed_out()
+                last_timeout = now[0]
+                assert breaker.is_open
+            else:
+                breaker.gave_up()
+            assert not breaker.probing, "a finished request never leaves a probe in flight"
+
+    @settings(max_examples=100, deadline=None)
+    @given(st.integers(2, 50))
+    def test_once_the_open_time_is_over_exactly_one_of_many_concurrent_requests_probes(self, concurrent: int) -> None:
+        now = [0.0]
+        breaker = CircuitBreaker(open_seconds=15, clock=lambda: now[0])
+        breaker.timed_out()
+        now[0] = 15.0
+        assert sum(breaker.admit() for _ in range(concurrent)) == 1

@@ -69,7 +69,7 @@ class CircuitBreaker:
         self.probing = False
 
     def gave_up(self) -> None:
-        """The request ended another way (refused, cancelled): a later one probes again."""
+        """The probe ended another way (refused, cancelled): a later request probes again."""
         self.probing = False
 
     @property
@@ -85,13 +85,15 @@ class _BreakerTransport(httpx.AsyncBaseTransport):
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         if not self.breaker.admit():
             raise RedisCircuitOpen("Redis timed out recently; not waiting for it again yet", request=request)
+        probe = self.breaker.probing  # admitted while half-open: this request is the probe
         try:
             response = await self.inner.handle_async_request(request)
         except httpx.TimeoutException:
             self.breaker.timed_out()
             raise
         except BaseException:
-            self.breaker.gave_up()
+            if probe:
+                self.breaker.gave_up()
             raise
         self.breaker.succeeded()
         return response

@@ -283,28 +283,37 @@ select %(run_id)s, %(source)s, r.day, r.model, r.metered_requests, r.metered_inp
 
 
 async def metered(db: Database, source: UsageSource, start: date, end: date) -> dict[tuple[date, str], Metered]:
-    """Our sums per UTC day and model for ``start`` <= day < ``end``, computed in Postgres."""
+    """Our sums per UTC day and model for ``start`` <= day < ``end``, computed in Postgres.
+
+    One statement per day, each its own transaction: a day's rows are a bounded range of the
+    ``created_at`` index, so no statement runs into the connection's statement timeout however many
+    days a run covers, and a long run holds no snapshot open across days.
+    """
     from psycopg import sql
 
-    query = sql.SQL(_METERED).format(
-        start=sql.Literal(datetime(start.year, start.month, start.day, tzinfo=UTC)),
-        end=sql.Literal(datetime(end.year, end.month, end.day, tzinfo=UTC)),
-        offline=sql.Literal(OFFLINE_MODEL),
-        covers=source.covers(),
-    )
-    async with as_service(db) as conn, conn.cursor() as cur:
-        await cur.execute(query)
-        rows = await cur.fetchall()
-    return {
-        (row["day"], row["model"]): Metered(
-            int(row["requests"]),
-            int(row["input_tokens"]),
-            int(row["output_tokens"]),
-            int(row["cost_microusd"]),
-            int(row["estimated_cost_microusd"]),
+    sums: dict[tuple[date, str], Metered] = {}
+    day = start
+    while day < end:
+        following = day + timedelta(days=1)
+        query = sql.SQL(_METERED).format(
+            start=sql.Literal(datetime(day.year, day.month, day.day, tzinfo=UTC)),
+            end=sql.Literal(datetime(following.year, following.month, following.day, tzinfo=UTC)),
+            offline=sql.Literal(OFFLINE_MODEL),
+            covers=source.covers(),
         )
-        for row in rows
-    }
+        async with as_service(db) as conn, conn.cursor() as cur:
+            await cur.execute(query)
+            rows = await cur.fetchall()
+        for row in rows:
+            sums[(row["day"], row["model"])] = Metered(
+                int(row["requests"]),
+                int(row["input_tokens"]),
+                int(row["output_tokens"]),
+                int(row["cost_microusd"]),
+                int(row["estimated_cost_microusd"]),
+            )
+        day = following
+    return sums
 
 
 def compare(ours: Mapping[tuple[date, str], Metered], theirs: Mapping[tuple[date, str], Figures]) -> list[Result]:

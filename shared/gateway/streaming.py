@@ -173,9 +173,11 @@ class ChatStream:
         received = self._received
         started = self._started if self._started is not None else time.perf_counter()
         usage = replace(self._usage, provider_request_id=received.provider_request_id)
-        if received.finished or received.completion_tokens is not None:
-            # Finished, or at least measured: the usage chunk comes after the finish reason.
-            ending: StreamEnding = "finished" if self._failure is None else "failed"
+        ending: StreamEnding = (
+            "finished" if received.finished else "failed" if self._failure is not None else "cut_short"
+        )
+        if received.completion_tokens is not None or (received.finished and self._failure is None):
+            # Measured (the usage chunk came), or finished without one: the bound, as an estimate.
             measured = _measured(None, received.prompt_tokens, received.completion_tokens, self._bound, usage, None)
             usage = replace(
                 usage,
@@ -188,7 +190,7 @@ class ChatStream:
                 estimated=measured.estimated,
             )
         elif self._failure is not None:
-            ending = "failed"
+            # Failed before the usage chunk (even after the finish reason: the connection broke).
             usage = _unanswered(
                 usage, self._failure.outcome, self._bound, billed=self._failure.may_be_billed, started=started
             )
@@ -196,7 +198,6 @@ class ChatStream:
                 usage, "model call failed mid-stream", logging.WARNING, self._failure.reason, estimated=usage.estimated
             )
         else:
-            ending = "cut_short"
             usage = _unanswered(usage, "cancelled", self._bound, billed=received.request_sent, started=started)
             _log(
                 usage,

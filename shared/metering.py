@@ -22,6 +22,8 @@ from shared.db.session import Database, run_as_service
 
 Kind = Literal["chat", "embedding"]
 Outcome = Literal["ok", "error", "timeout", "rejected"]
+# Which key paid: the platform's, the organization's own (bring your own key), none (offline).
+KeySource = Literal["platform", "organization", "none"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +40,7 @@ class Usage:
     completion_tokens: int = 0
     cost_microusd: int = 0
     latency_ms: int | None = None
+    key_source: KeySource = "platform"
 
     def __post_init__(self) -> None:
         if self.outcome != "ok" and self.cost_microusd != 0:
@@ -48,9 +51,9 @@ _SETTLE_AND_INSERT = """
 with settled as (select private.settle_reservation(%(reservation_id)s, %(cost_microusd)s))
 insert into public.usage_events
   (org_id, agent_id, conversation_id, scan_id, kind, model, prompt_tokens, completion_tokens,
-   cost_microusd, latency_ms, outcome, request_id)
+   cost_microusd, latency_ms, outcome, request_id, key_source)
 select %(org_id)s, %(agent_id)s, %(conversation_id)s, %(scan_id)s, %(kind)s, %(model)s, %(prompt_tokens)s,
-       %(completion_tokens)s, %(cost_microusd)s, %(latency_ms)s, %(outcome)s, %(request_id)s
+       %(completion_tokens)s, %(cost_microusd)s, %(latency_ms)s, %(outcome)s, %(request_id)s, %(key_source)s
   from settled
 returning id
 """
@@ -59,9 +62,9 @@ _RELEASE_AND_INSERT = """
 with released as (select private.release_reservation(%(reservation_id)s))
 insert into public.usage_events
   (org_id, agent_id, conversation_id, scan_id, kind, model, prompt_tokens, completion_tokens,
-   cost_microusd, latency_ms, outcome, request_id)
+   cost_microusd, latency_ms, outcome, request_id, key_source)
 select %(org_id)s, %(agent_id)s, %(conversation_id)s, %(scan_id)s, %(kind)s, %(model)s, %(prompt_tokens)s,
-       %(completion_tokens)s, %(cost_microusd)s, %(latency_ms)s, %(outcome)s, %(request_id)s
+       %(completion_tokens)s, %(cost_microusd)s, %(latency_ms)s, %(outcome)s, %(request_id)s, %(key_source)s
   from released
 returning id
 """
@@ -69,9 +72,9 @@ returning id
 _INSERT = """
 insert into public.usage_events
   (org_id, agent_id, conversation_id, scan_id, kind, model, prompt_tokens, completion_tokens,
-   cost_microusd, latency_ms, outcome, request_id)
+   cost_microusd, latency_ms, outcome, request_id, key_source)
 values (%(org_id)s, %(agent_id)s, %(conversation_id)s, %(scan_id)s, %(kind)s, %(model)s, %(prompt_tokens)s,
-        %(completion_tokens)s, %(cost_microusd)s, %(latency_ms)s, %(outcome)s, %(request_id)s)
+        %(completion_tokens)s, %(cost_microusd)s, %(latency_ms)s, %(outcome)s, %(request_id)s, %(key_source)s)
 returning id
 """
 

@@ -20,11 +20,13 @@ import binascii
 import contextlib
 import json
 import sys
+import uuid
 import weakref
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
+from shared.egress import EgressDenied, EgressPolicy, Resolver, guarded_client
 from shared.gateway.schemas import ToolCall
 from shared.gateway.tools import parse_arguments
 from shared.logs import log_event
@@ -39,9 +41,13 @@ FailureOutcome = Literal["error", "timeout"]
 
 @dataclass(frozen=True, slots=True)
 class ProviderConfig:
-    api_key: str
+    api_key: str = field(repr=False)
     base_url: str
     timeout_seconds: float
+    # An organization's own base URL is customer-supplied: its calls go through the egress guard.
+    egress: EgressPolicy | None = None
+    resolver: Resolver | None = None
+    key_ref: uuid.UUID | None = None  # which stored organization key this is (shared.gateway.keys)
 
 
 def config_from(settings: Settings) -> ProviderConfig | None:
@@ -89,9 +95,44 @@ def _client(config: ProviderConfig) -> AsyncOpenAI:
             base_url=config.base_url,
             timeout=config.timeout_seconds,
             max_retries=0,
+            http_client=_guarded_sdk_client(config) if config.egress is not None else None,
         )
         per_loop[config] = client
     return client
+
+
+def _guarded_sdk_client(config: ProviderConfig) -> Any:
+    """An SDK HTTP client whose every request goes out through the egress guard.
+
+    The SDK speaks ``httpx2``; the guard is an ``httpx`` client. This transport hands each request
+    to the guard (which vets the URL and, at connect time, the resolved address) and the answer
+    back, read whole: the guard caps its size, and the gateway's deadline bounds its time.
+    """
+    import httpx
+    import httpx2
+
+    assert config.egress is not None  # noqa: S101 - the caller checks
+    guarded = guarded_client(policy=config.egress, resolver=config.resolver)
+
+    class _ThroughEgressGuard(httpx2.AsyncBaseTransport):
+        async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+            body = await request.aread()
+            try:
+                response = await guarded.request(
+                    request.method, str(request.url), headers=list(request.headers.raw), content=body
+                )
+            except httpx.TimeoutException:
+                raise httpx2.ReadTimeout("the model provider did not answer in time", request=request) from None
+            except EgressDenied as exc:  # kept as the cause, so the failure is logged as a refusal
+                raise httpx2.ConnectError("the egress guard refused the model provider", request=request) from exc
+            except httpx.HTTPError:
+                raise httpx2.ConnectError("the model provider could not be reached", request=request) from None
+            return httpx2.Response(response.status_code, headers=response.headers.raw, content=response.content)
+
+        async def aclose(self) -> None:
+            await guarded.aclose()
+
+    return httpx2.AsyncClient(transport=_ThroughEgressGuard())
 
 
 async def close_clients() -> None:
@@ -112,8 +153,9 @@ async def _provider_call(config: ProviderConfig) -> AsyncIterator[None]:
         raise ProviderFailure("timeout", "model-timeout") from None
     except openai.APIStatusError as exc:
         raise ProviderFailure("error", f"model-status-{exc.status_code}") from None
-    except openai.APIConnectionError:
-        raise ProviderFailure("error", "model-connection") from None
+    except openai.APIConnectionError as exc:
+        denied = isinstance(getattr(exc.__cause__, "__cause__", None), EgressDenied)
+        raise ProviderFailure("error", "model-egress-denied" if denied else "model-connection") from None
     except openai.OpenAIError:
         raise ProviderFailure("error", "model-error") from None
 

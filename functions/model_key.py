@@ -8,9 +8,9 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request, Response
 from mangum import Mangum
 
+from shared.gateway.keys import ModelKeyEnvironment, get_model_key_environment
 from shared.logs import ORG_ID, REQUEST_ID
 from shared.model_keys import (
-    Environment,
     ModelKeyOut,
     ModelKeySave,
     ModelKeySettings,

@@ -93,7 +93,7 @@ returning org_id
 _AUDIT_BROKEN = """
 insert into public.audit_log (org_id, actor, action, target_type, target_id, details, request_id)
 values (%(org_id)s, 'model-gateway', 'model_key.broken', 'model_key', %(org_id)s::text,
-        jsonb_build_object('reason', %(reason)s, 'on_key_failure', %(on_key_failure)s), %(request_id)s)
+        jsonb_build_object('reason', %(reason)s::text, 'on_key_failure', %(on_key_failure)s::text), %(request_id)s)
 """
 
 
@@ -196,6 +196,7 @@ async def watch(db: Database, selection: Selection, *, request_id: str) -> Async
 
 async def _mark_broken(db: Database, selection: Selection, reason: str, request_id: str) -> None:
     assert selection.config is not None  # noqa: S101 - checked by the caller
+    marked = None
     try:
         async with as_service(db) as conn:
             marked = await (
@@ -221,12 +222,16 @@ async def _mark_broken(db: Database, selection: Selection, reason: str, request_
                     },
                 )
     except Exception as exc:  # the call's own failure is what the caller must see
+        forget(selection.org_id)
         log_event(
             "could not mark the organization key broken",
             logging.ERROR,
             **{ORG_ID: str(selection.org_id), DECISION_REASON: "model-key-mark-failed"},
             error_type=type(exc).__name__,
         )
+        return
+    forget(selection.org_id)
+    if marked is None:  # another call marked it first
         return
     log_event(
         "organization key refused by its provider: marked broken",

@@ -125,9 +125,8 @@ class FakeOpenAI:
         if self.fail_status is not None:
             return _error(self.fail_status, "The server had an error processing your request.", "server_error")
         models = ["gpt-4o-mini", "gpt-4o", "text-embedding-3-small"]
-        return JSONResponse(
-            {"object": "list", "data": [{"id": m, "object": "model", "created": 0, "owned_by": "system"} for m in models]}
-        )
+        data = [{"id": m, "object": "model", "created": 0, "owned_by": "system"} for m in models]
+        return JSONResponse({"object": "list", "data": data})
 
     async def _chat(self, request: Request) -> JSONResponse:
         body, early = await self._prelude(request)

@@ -113,8 +113,12 @@ async def _connection_deleted(w: World) -> None:
     await delete_connection(w.tdb, w.claims(), await w.connection(), request_id=None)
 
 
-async def _credentials_resealed(w: World) -> None:
+async def _connection_credentials_resealed(w: World) -> None:
     await w.connection()
+    await _credentials_resealed(w)
+
+
+async def _credentials_resealed(w: World) -> None:
     current = get_settings().credential_keys.get_secret_value()
     new_key = base64.b64encode(hashlib.sha256(b"the next credential key").digest()).decode()
     await rotate_credentials(w.tdb, keyring=parse_keys(f"k2:{new_key},{current}"))
@@ -214,6 +218,11 @@ async def _model_key_broken(w: World) -> None:
         w.openai.api_key = key
 
 
+async def _model_key_resealed(w: World) -> None:
+    await w.model_key()
+    await _credentials_resealed(w)
+
+
 async def _billing_plan_changed(w: World) -> None:
     sub = subscription(customer="cus_coverage" + uuid.uuid4().hex[:8], org_id=w.org["id"])
     stripe_event = StripeEvent.model_validate(json.loads(event("customer.subscription.updated", sub)))
@@ -249,7 +258,7 @@ ACTIONS: dict[str, Scenario] = {
     "connection.verified": _connection_verified,
     "connection.broken": _connection_broken,
     "connection.deleted": _connection_deleted,
-    "connection.credentials_resealed": _credentials_resealed,
+    "connection.credentials_resealed": _connection_credentials_resealed,
     "member.added": _member_added,
     "member.role_changed": _member_role_changed,
     "member.removed": _member_removed,
@@ -261,6 +270,7 @@ ACTIONS: dict[str, Scenario] = {
     "model_key.fallback_changed": _model_key_fallback_changed,
     "model_key.removed": _model_key_removed,
     "model_key.broken": _model_key_broken,
+    "model_key.resealed": _model_key_resealed,
     "billing.plan_changed": _billing_plan_changed,
     "audit_log.export_started": _audit_exported,
     "audit_log.exported": _audit_exported,

@@ -478,3 +478,33 @@ class TestAttackers:
         )
         assert response.status_code == 422
         assert secret not in response.text
+
+
+class TestCredentialKeyRotation:
+    async def test_a_stored_model_key_is_resealed_and_still_opens_under_the_new_credential_key(
+        self,
+        client: httpx.AsyncClient,
+        db: Connection,
+        org: dict[str, Any],
+        org_fake: FakeOpenAI,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        import base64
+        import hashlib
+
+        from shared.connections.rotate import rotate_credentials
+        from shared.crypto import parse_keys
+        from shared.gateway import keys
+
+        await put_key(client, org["owner"], org, org_fake.api_key, org_fake.base_url)
+        old = get_settings().credential_keys.get_secret_value()
+        new = "k9:" + base64.b64encode(hashlib.sha256(b"rotation test key").digest()).decode()
+        report = await rotate_credentials(TransactionDatabase(db), keyring=parse_keys(f"{new},{old}"))
+        assert report.remaining == 0
+        [row] = await sql(db, "select key_id from secrets.model_key_credentials where org_id = %s", org["id"])
+        assert row["key_id"] == "k9"
+        monkeypatch.setenv("CREDENTIAL_KEYS", new)  # the old key is gone
+        get_settings.cache_clear()
+        keys.forget(org["id"])
+        assert (await one_chat(db, org)).content
+        assert org_fake.requests_to("/v1/chat/completions")[-1].headers["authorization"] == f"Bearer {org_fake.api_key}"

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Header, Request, Response
 from mangum import Mangum
 
 from shared.web.app import create_app
-from shared.web.deps import Db
+from shared.web.deps import Db, Queue
 from shared.widget import service
 from shared.widget.schemas import ChatReply, ChatRequest, WidgetConfig
 
@@ -39,6 +39,7 @@ async def chat(
     request: Request,
     response: Response,
     db: Db,
+    queue: Queue,
     origin: OriginHeader = None,
     authorization: Annotated[str | None, Header()] = None,
     x_real_ip: Annotated[str | None, Header()] = None,
@@ -51,6 +52,7 @@ async def chat(
         request=body,
         client_address=service.client_address(x_real_ip, request.client),
         request_id=request.state.request_id,
+        queue=queue,
     )
     request.state.org_id = served.org_id
     response.headers.update(served.headers)

@@ -13,8 +13,11 @@
    burst limit bounds how many such rows a minute can write). No model call is made.
 3. The call: the openai SDK with the configured key and ``base_url``, or the offline provider when
    no key is configured.
-4. One usage row and the settlement, in one transaction: ``ok`` settles to the real cost; a timeout
-   or error releases the reservation, records cost 0 and raises ``ModelUnavailable``.
+4. One usage row and the settlement, in one transaction: ``ok`` settles to the real cost. A call
+   that failed raises ``ModelUnavailable``; it costs 0 and releases the reservation when the
+   provider cannot have billed it (nothing went out, or an HTTP error status came back), and is
+   charged the reserved bound, marked ``estimated``, when it may have (a timeout, a lost connection
+   or a cancellation after the request body went out). docs/gateway.md has the table.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -31,7 +35,7 @@ from shared import budgets, metering
 from shared.db.session import Database, as_service
 from shared.errors import BudgetExhausted, ModelUnavailable, NotFound, RateLimited
 from shared.gateway import keys, offline, provider
-from shared.gateway.schemas import ChatMessage, ChatResult, ToolCall
+from shared.gateway.schemas import MAX_REPLY_CHARS, ChatMessage, ChatResult, ToolCall
 from shared.gateway.tools import accepted_tool_calls, tool_names
 from shared.logs import DECISION_REASON, LATENCY_MS, ORG_ID, REQUEST_ID, log_event
 from shared.metering import Usage
@@ -61,6 +65,7 @@ KNOWLEDGE_PREAMBLE = (
 TOOL_RESULT_PREFIX = "Result of an earlier action: "
 
 BURST_DETAIL = "Too many model calls for this organization; try again shortly."
+CLIPPED_NOTE = f"\n\n[This reply was cut at {MAX_REPLY_CHARS:,} characters, the transcript limit.]"
 
 
 @dataclass(eq=False, slots=True)
@@ -131,6 +136,19 @@ class _Answer[T]:
     value: T
     prompt_tokens: int
     completion_tokens: int
+    estimated: bool = False
+    """The provider reported no usage: the counts are the bound the call was reserved for."""
+    provider_request_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Bound:
+    """The most a call can use: what it reserves, and what it is charged when it may have been billed
+    but no usage came back."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    cost_microusd: int
 
 
 async def chat(
@@ -178,16 +196,21 @@ async def chat(
     )
 
     if config is None:
-        estimate = 0
+        bound = _Bound(0, 0, 0)
 
         async def call() -> _Answer[tuple[str, list[ToolCall]]]:
             reply = offline.answer(messages, knowledge, offered)
             return _Answer((reply.content, reply.tool_calls), reply.prompt_tokens, reply.completion_tokens)
 
     else:
-        bound = prompt_token_bound((content for _, content in prompt), messages=len(prompt), tools=tools or ())
-        estimate = max_cost_microusd(model, prompt_token_bound=bound, max_completion_tokens=max_tokens)
-        online = config
+        prompt_bound = prompt_token_bound((content for _, content in prompt), messages=len(prompt), tools=tools or ())
+        bound = _Bound(
+            prompt_bound,
+            max_tokens,
+            max_cost_microusd(model, prompt_token_bound=prompt_bound, max_completion_tokens=max_tokens),
+        )
+        usage = replace(usage, client_request_id=_client_request_id())
+        online, sent_as = config, usage.client_request_id or ""
 
         async def call() -> _Answer[tuple[str, list[ToolCall]]]:
             async with keys.watch(db, selection, request_id=request_id):
@@ -198,16 +221,23 @@ async def chat(
                     tools=tools,
                     max_tokens=max_tokens,
                     temperature=temperature,
-                    request_id=request_id,
+                    request_id=sent_as,
                 )
-            prompt_tokens, completion_tokens = _reported_usage(
-                completion.prompt_tokens, completion.completion_tokens, bound, max_tokens, usage
+            return _measured(
+                (completion.content, completion.tool_calls),
+                completion.prompt_tokens,
+                completion.completion_tokens,
+                bound,
+                usage,
+                completion.provider_request_id,
             )
-            return _Answer((completion.content, completion.tool_calls), prompt_tokens, completion_tokens)
 
     (content, tool_calls), recorded, usage_event_id = await _metered(
-        db, usage, estimate=estimate, burst_per_minute=burst_per_minute, burst_pass=burst_pass, call=call
+        db, usage, bound=bound, burst_per_minute=burst_per_minute, burst_pass=burst_pass, call=call
     )
+    content, clipped = _clipped(content)
+    if clipped:
+        _log(recorded, "the reply was clipped to the transcript limit", logging.WARNING, "reply-clipped")
     return ChatResult(
         content=content,
         tool_calls=accepted_tool_calls(tool_calls, offered),
@@ -217,6 +247,7 @@ async def chat(
         cost_microusd=recorded.cost_microusd,
         usage_event_id=usage_event_id,
         offline=config is None,
+        clipped=clipped,
     )
 
 
@@ -255,18 +286,23 @@ async def embed(
         outcome="ok",
         request_id=request_id,
         key_source=selection.source,
+        client_request_id=_client_request_id(),
     )
-    bound = prompt_token_bound(texts, messages=0)
-    estimate = max_cost_microusd(EMBEDDING_MODEL, prompt_token_bound=bound, max_completion_tokens=0)
+    prompt_bound = prompt_token_bound(texts, messages=0)
+    bound = _Bound(
+        prompt_bound, 0, max_cost_microusd(EMBEDDING_MODEL, prompt_token_bound=prompt_bound, max_completion_tokens=0)
+    )
+    sent_as = usage.client_request_id or ""
 
     async def call() -> _Answer[list[list[float]]]:
         async with keys.watch(db, selection, request_id=request_id):
-            result = await provider.embed(online, model=EMBEDDING_MODEL, texts=texts, dimensions=EMBEDDING_DIMENSIONS)
-        prompt_tokens, _ = _reported_usage(result.prompt_tokens, 0, bound, 0, usage)
-        return _Answer(result.vectors, prompt_tokens, 0)
+            result = await provider.embed(
+                online, model=EMBEDDING_MODEL, texts=texts, dimensions=EMBEDDING_DIMENSIONS, request_id=sent_as
+            )
+        return _measured(result.vectors, result.prompt_tokens, 0, bound, usage, result.provider_request_id)
 
     vectors, _, _ = await _metered(
-        db, usage, estimate=estimate, burst_per_minute=burst_per_minute, burst_pass=burst_pass, call=call
+        db, usage, bound=bound, burst_per_minute=burst_per_minute, burst_pass=burst_pass, call=call
     )
     return vectors
 
@@ -275,31 +311,34 @@ async def _metered[T](
     db: Database,
     usage: Usage,
     *,
-    estimate: int,
+    bound: _Bound,
     burst_per_minute: int | None,
     burst_pass: BurstPass | None,
     call: Callable[[], Awaitable[_Answer[T]]],
 ) -> tuple[T, Usage, int]:
     reservation_id = await _admit(
-        db, usage, estimate=estimate, burst_per_minute=burst_per_minute, burst_pass=burst_pass
+        db, usage, estimate=bound.cost_microusd, burst_per_minute=burst_per_minute, burst_pass=burst_pass
     )
     started = time.perf_counter()
     try:
-        answer = await call()
+        with provider.track_call() as progress:
+            answer = await call()
     except provider.ProviderFailure as failure:
-        failed = replace(usage, outcome=failure.outcome, latency_ms=_elapsed_ms(started))
+        failed = _unanswered(usage, failure.outcome, bound, billed=failure.may_be_billed, started=started)
         await metering.record(db, failed, reservation_id=reservation_id)
-        _log(failed, "model call failed", logging.WARNING, failure.reason)
+        _log(failed, "model call failed", logging.WARNING, failure.reason, estimated=failed.estimated)
         message = "The model did not answer in time." if failure.outcome == "timeout" else None
         raise ModelUnavailable(message or "The model is unavailable right now.") from None
-    except BaseException:
-        # Cancelled (the client went away) or a bug: release the hold now rather than in ten minutes,
-        # even if this task is cancelled again while doing it.
-        failed = replace(usage, outcome="error", latency_ms=_elapsed_ms(started))
+    except BaseException as exc:
+        # Cancelled (the client went away) or a bug: settle the hold now rather than in ten minutes,
+        # even if this task is cancelled again while doing it. Charged at the bound if the request
+        # went out, as the provider may finish and bill it.
+        outcome: metering.Outcome = "cancelled" if isinstance(exc, asyncio.CancelledError) else "error"
+        failed = _unanswered(usage, outcome, bound, billed=progress.body_sent, started=started)
         try:
             await asyncio.shield(metering.record(db, failed, reservation_id=reservation_id))
         except Exception:  # the original exception matters more; the hold expires on its own
-            _log(failed, "could not release a reservation", logging.ERROR, "reservation-release-failed")
+            _log(failed, "could not record an unanswered call", logging.ERROR, "reservation-release-failed")
         raise
     done = replace(
         usage,
@@ -309,6 +348,8 @@ async def _metered[T](
             usage.model, prompt_tokens=answer.prompt_tokens, completion_tokens=answer.completion_tokens
         ),
         latency_ms=_elapsed_ms(started),
+        estimated=answer.estimated,
+        provider_request_id=answer.provider_request_id,
     )
     usage_event_id = await metering.record(db, done, reservation_id=reservation_id)
     return answer.value, done, usage_event_id
@@ -377,14 +418,57 @@ def _attr(value: str) -> str:
     return value.replace("&", "&amp;").replace('"', "&quot;").replace("<", "&lt;")
 
 
-def _reported_usage(
-    prompt_tokens: int | None, completion_tokens: int | None, bound: int, max_tokens: int, usage: Usage
-) -> tuple[int, int]:
+def _client_request_id() -> str:
+    """The id a call is sent with (``X-Client-Request-Id``): unique per call, where the request id is
+    shared by every call of one request."""
+    return str(uuid.uuid4())
+
+
+def _measured[T](
+    value: T,
+    prompt_tokens: int | None,
+    completion_tokens: int | None,
+    bound: _Bound,
+    usage: Usage,
+    provider_request_id: str | None,
+) -> _Answer[T]:
     """The provider's token counts; when it reports none, the bound the reservation was made for."""
     if prompt_tokens is None or completion_tokens is None:
         _log(usage, "the provider reported no usage; metering the reserved maximum", logging.WARNING, "usage-missing")
-        return bound, max_tokens
-    return max(0, prompt_tokens), max(0, completion_tokens)
+        return _Answer(value, bound.prompt_tokens, bound.completion_tokens, True, provider_request_id)
+    if prompt_tokens > bound.prompt_tokens or completion_tokens > bound.completion_tokens:
+        # The provider's bill is the truth; the settlement may pass the hold (docs/gateway.md).
+        _log(
+            usage,
+            "the provider reported more usage than the call reserved",
+            logging.WARNING,
+            "usage-above-hold",
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+        )
+    return _Answer(value, prompt_tokens, completion_tokens, False, provider_request_id)
+
+
+def _unanswered(usage: Usage, outcome: metering.Outcome, bound: _Bound, *, billed: bool, started: float) -> Usage:
+    """The row of a call that did not answer: free, or charged at its bound as an estimate when the
+    provider may have billed it."""
+    failed = replace(usage, outcome=outcome, latency_ms=_elapsed_ms(started))
+    if not billed:
+        return failed
+    return replace(
+        failed,
+        prompt_tokens=bound.prompt_tokens,
+        completion_tokens=bound.completion_tokens,
+        cost_microusd=bound.cost_microusd,
+        estimated=True,
+    )
+
+
+def _clipped(content: str) -> tuple[str, bool]:
+    """The reply within the transcript limit, saying so when it had to be cut."""
+    if len(content) <= MAX_REPLY_CHARS:
+        return content, False
+    return content[: MAX_REPLY_CHARS - len(CLIPPED_NOTE)] + CLIPPED_NOTE, True
 
 
 def _elapsed_ms(started: float) -> int:

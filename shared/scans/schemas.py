@@ -114,6 +114,11 @@ class ScanEnvironment:
     # Per invocation: no new page is started after this. Vercel must allow the function
     # time_budget + page_timeout + a flush (maxDuration 60 s or more).
     time_budget_seconds: float = 30.0
+    # One queue step: pages for this long, then one flush, the release, and the next step's message.
+    step_seconds: float = 5.0
+    # The cron sweeper takes a queued or paused scan only after it has been left alone this long (its
+    # step message was lost); fresher ones belong to their message. Expired leases are taken at once.
+    stale_after_seconds: float = 60.0
     # Renewed at every flush; must exceed the longest gap between flushes (a page, an embedding call).
     lease_seconds: float = 90.0
     concurrency: int = 3  # scans worked on at once by one invocation (different sites)

@@ -18,7 +18,8 @@
 8. One write (``queries.store_turn``): the conversation, both messages and any review items.
 
 Degradation: the model failing or timing out gives the visitor a friendly reply and the team an
-escalation (the gateway charged nothing); the budget exhausted or the organization's burst limit
+escalation (the gateway charges nothing, or its reserved bound when the request reached the
+provider, which may bill it: docs/gateway.md); the budget exhausted or the organization's burst limit
 hit gives ``AgentUnavailable`` (503, ``Retry-After``) with nothing stored and no model called; a
 database that cannot be reached is ``DependencyUnavailable`` (503, ``Retry-After``).
 """
@@ -36,10 +37,13 @@ from typing import Literal, TypeVar
 from uuid import UUID
 
 from shared import gateway, reviews
+from shared.connections import outbox
 from shared.db.session import Database
 from shared.errors import BudgetExhausted, DomainError, ModelUnavailable, RateLimited
 from shared.gateway import WIDGET_TOOLS, ChatMessage, ChatResult
 from shared.logs import DECISION_REASON, ORG_ID, REQUEST_ID, log_event
+from shared.queues import PRODUCTION as QUEUE
+from shared.queues import QueueEnvironment
 from shared.ratelimit import LimitCheck, RateLimitRule, hit
 from shared.redis import get_redis
 from shared.retrieval import RetrievedChunk, search_knowledge
@@ -166,6 +170,7 @@ async def chat(
     request: ChatRequest,
     client_address: str,
     request_id: str,
+    queue: QueueEnvironment = QUEUE,
 ) -> Served[ChatReply]:
     received_at = datetime.now(UTC)
     claims = visitor_tokens.verify(token) if token else None
@@ -209,11 +214,17 @@ async def chat(
             ],
             items=items,
         )
-        if stored.messages == 0:
-            # The conversation changed hands between the read and the write; never write into it.
+        if stored.messages == 0 or stored.token_generation is None:
+            # The conversation changed hands or was closed between the read and the write; never
+            # write into it.
             raise ConversationNotFound()
+        # Committed: now the queue may hear of the deliveries (a lost message is the sweeper's).
+        await outbox.announce(db, queue, stored.item_ids)
         new_token, expires_at = visitor_tokens.issue(
-            conversation_id=conversation_id, agent_id=context.agent_id, visitor_id=visitor_id
+            conversation_id=conversation_id,
+            agent_id=context.agent_id,
+            visitor_id=visitor_id,
+            generation=stored.token_generation,
         )
     body = ChatReply(
         conversation_id=conversation_id,
@@ -245,6 +256,9 @@ def _conversation(
         raise ConversationNotFound()
     if context.conversation_status == "closed":
         raise ConversationClosed()
+    if claims.generation < (context.token_generation or 1) - 1:
+        # Superseded: a newer token was issued and used since (a stolen or left-behind copy).
+        raise ConversationNotFound()
     if (context.message_count or 0) + 2 > MAX_CONVERSATION_MESSAGES:
         raise ConversationFull(MAX_CONVERSATION_MESSAGES)
     return context.conversation_id, claims.visitor_id

@@ -121,8 +121,8 @@ async def tenant(db: Connection) -> dict[str, Any]:
         {**p, "cus": "cus_" + uuid.uuid4().hex[:14]},
     )
     await db.execute(
-        "insert into public.stripe_events (id, type, org_id, event_created, payload)"
-        " values (%(evt)s, 'invoice.paid', %(org)s, now(), '{}')",
+        "insert into public.stripe_events (id, type, org_id, event_created, object_type)"
+        " values (%(evt)s, 'invoice.paid', %(org)s, now(), 'invoice')",
         {**p, "evt": "evt_" + uuid.uuid4().hex},
     )
     await db.execute(

@@ -10,7 +10,11 @@
 
 Every request is recorded (path, JSON body, headers) before anything else happens, so a test can
 assert that no call was made at all. ``delay_seconds`` holds each answer back (timeouts),
-``fail_status`` answers with an OpenAI-shaped error, ``raw_body`` answers with any JSON at all.
+``fail_status`` answers with an OpenAI-shaped error, ``raw_body`` answers with any JSON at all and
+``raw_bytes`` with any bytes at all. Every answer carries an ``x-request-id``, as OpenAI's do
+(``answered_ids``). ``billed_tokens()`` is what the server would bill for the chat requests it
+received, answered in time or not: the most each could cost, a token per byte of the request's
+messages and tools and every completion token it allowed.
 A wrong bearer token gets a 401, as from OpenAI. Tests point the gateway at it with
 ``OPENAI_BASE_URL=<fake.base_url>`` and ``OPENAI_API_KEY=<fake.api_key>``.
 """
@@ -36,18 +40,20 @@ from typing import Any
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 
 @dataclass
 class ScriptedReply:
-    content: str | None = "Happy to help with that."
+    content: Any = "Happy to help with that."
+    """Usually text or ``None``; anything JSON can hold, to send a malformed answer."""
     tool_calls: list[tuple[str, dict[str, Any] | str]] = field(default_factory=list)
     """(name, arguments): a dict is sent as JSON, a string as it is (to send malformed arguments)."""
-    prompt_tokens: int | None = 100
-    completion_tokens: int | None = 20
-    """``None`` for either: the response has no ``usage`` object, as some compatible servers do."""
+    prompt_tokens: Any = 100
+    completion_tokens: Any = 20
+    """``None`` for either: the response has no ``usage`` object, as some compatible servers do;
+    anything else JSON can hold is sent as it is."""
 
 
 @dataclass(frozen=True)
@@ -68,6 +74,8 @@ class FakeOpenAI:
         self.delay_seconds = 0.0
         self.fail_status: int | None = None
         self.raw_body: Any = None
+        self.raw_bytes: bytes | None = None
+        self.answered_ids: list[str] = []
         self.embedding_dimensions = 1536
         self.vectors: dict[str, list[float]] = {}
         self._server: uvicorn.Server | None = None
@@ -80,11 +88,22 @@ class FakeOpenAI:
         self.delay_seconds = 0.0
         self.fail_status = None
         self.raw_body = None
+        self.raw_bytes = None
+        self.answered_ids = []
         self.embedding_dimensions = 1536
         self.vectors = {}
 
     def requests_to(self, path: str) -> list[RecordedRequest]:
         return [r for r in self.requests if r.path == path]
+
+    def billed_tokens(self) -> list[tuple[int, int]]:
+        """(prompt, completion) tokens this server would bill for each chat request it received."""
+        billed = []
+        for request in self.requests_to("/v1/chat/completions"):
+            prompt = sum(len(str(m.get("content", "")).encode()) for m in request.body.get("messages", []))
+            prompt += len(json.dumps(request.body.get("tools", []), separators=(",", ":")).encode())
+            billed.append((prompt, int(request.body.get("max_completion_tokens", 0))))
+        return billed
 
     def stop(self) -> None:
         if self._server is not None and self._thread is not None:
@@ -102,7 +121,7 @@ class FakeOpenAI:
             ]
         )
 
-    async def _prelude(self, request: Request) -> tuple[dict[str, Any], JSONResponse | None]:
+    async def _prelude(self, request: Request) -> tuple[dict[str, Any], Response | None]:
         body = await request.json()
         self.requests.append(RecordedRequest(request.url.path, body, dict(request.headers)))
         self.request_arrived.set()
@@ -112,8 +131,10 @@ class FakeOpenAI:
             await asyncio.sleep(self.delay_seconds)
         if self.fail_status is not None:
             return body, _error(self.fail_status, "The server had an error processing your request.", "server_error")
+        if self.raw_bytes is not None:
+            return body, self._answered(Response(self.raw_bytes, media_type="application/json"))
         if self.raw_body is not None:
-            return body, JSONResponse(self.raw_body)
+            return body, self._answered(JSONResponse(self.raw_body))
         return body, None
 
     async def _models(self, request: Request) -> JSONResponse:
@@ -128,7 +149,13 @@ class FakeOpenAI:
         data = [{"id": m, "object": "model", "created": 0, "owned_by": "system"} for m in models]
         return JSONResponse({"object": "list", "data": data})
 
-    async def _chat(self, request: Request) -> JSONResponse:
+    def _answered[R: Response](self, response: R) -> R:
+        request_id = f"req_{secrets.token_hex(16)}"
+        self.answered_ids.append(request_id)
+        response.headers["x-request-id"] = request_id
+        return response
+
+    async def _chat(self, request: Request) -> Response:
         body, early = await self._prelude(request)
         if early is not None:
             return early
@@ -164,11 +191,11 @@ class FakeOpenAI:
             payload["usage"] = {
                 "prompt_tokens": reply.prompt_tokens,
                 "completion_tokens": reply.completion_tokens,
-                "total_tokens": reply.prompt_tokens + reply.completion_tokens,
+                "total_tokens": _total(reply.prompt_tokens, reply.completion_tokens),
             }
-        return JSONResponse(payload)
+        return self._answered(JSONResponse(payload))
 
-    async def _embeddings(self, request: Request) -> JSONResponse:
+    async def _embeddings(self, request: Request) -> Response:
         body, early = await self._prelude(request)
         if early is not None:
             return early
@@ -181,14 +208,21 @@ class FakeOpenAI:
             encoded: Any = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode() if as_base64 else vector
             data.append({"object": "embedding", "index": index, "embedding": encoded})
         tokens = sum(len(str(text).split()) for text in texts)
-        return JSONResponse(
-            {
-                "object": "list",
-                "data": data,
-                "model": body.get("model", ""),
-                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-            }
+        return self._answered(
+            JSONResponse(
+                {
+                    "object": "list",
+                    "data": data,
+                    "model": body.get("model", ""),
+                    "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+                }
+            )
         )
+
+
+def _total(prompt_tokens: Any, completion_tokens: Any) -> Any:
+    both_counts = all(isinstance(n, int | float) for n in (prompt_tokens, completion_tokens))
+    return prompt_tokens + completion_tokens if both_counts else None
 
 
 def unit_vector(text: str, dimensions: int = 1536) -> list[float]:

@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -32,7 +33,7 @@ from shared.db.session import as_user, get_database
 from shared.gateway import CAPTURE_LEAD, ESCALATE, close_clients
 from shared.redis import close_redis, get_redis
 from shared.settings import get_settings
-from shared.widget import visitor_tokens
+from shared.widget import queries, visitor_tokens
 from shared.widget.schemas import MAX_CONVERSATION_MESSAGES, MAX_MESSAGE_CHARS
 from shared.widget.service import MODEL_FAILURE_REPLY
 from tests.conftest import (
@@ -222,6 +223,7 @@ def forged_token(
         "sub": "v_attacker",
         "cid": str(conversation_id),
         "aid": str(agent_id),
+        "gen": 1,
         "iat": now,
         "exp": now + exp_offset,
     }
@@ -476,6 +478,84 @@ class TestVisitorTokens:
 
         assert response.status_code == 409
         assert problem(response)["type"].endswith("/conversation-closed")
+
+    async def test_a_superseded_token_stops_working_once_a_newer_one_was_used(
+        self, db: Connection, client: httpx.AsyncClient, make_widget: Callable[..., Any]
+    ) -> None:
+        """A token left behind (a shared computer, a copied request) is dead one message later."""
+        widget = await make_widget()
+        first = (await send(client, widget, "My order number is 4411")).json()
+        second = (await send(client, widget, "and?", token=first["visitor_token"])).json()
+        third = await send(client, widget, "and then?", token=second["visitor_token"])
+        assert third.status_code == 200, third.text
+
+        stolen = await send(client, widget, "what was my order number?", token=first["visitor_token"])
+
+        assert stolen.status_code == 404
+        assert problem(stolen)["type"].endswith("/conversation-not-found")
+        assert "4411" not in stolen.text
+        [conversation] = await rows(
+            db, "select message_count from public.conversations where id = %s", first["conversation_id"]
+        )
+        assert conversation["message_count"] == 6, "the stolen token added nothing"
+
+    async def test_a_reply_lost_on_the_way_can_be_retried_with_the_previous_token(
+        self, client: httpx.AsyncClient, make_widget: Callable[..., Any]
+    ) -> None:
+        widget = await make_widget()
+        first = (await send(client, widget)).json()
+        await send(client, widget, "one", token=first["visitor_token"])  # its reply never reached the visitor
+
+        retried = await send(client, widget, "one", token=first["visitor_token"])
+        assert retried.status_code == 200, retried.text
+        assert retried.json()["conversation_id"] == first["conversation_id"]
+        assert (await send(client, widget, "two", token=retried.json()["visitor_token"])).status_code == 200
+        assert (await send(client, widget, "three", token=first["visitor_token"])).status_code == 404
+
+    async def test_closing_a_conversation_revokes_its_tokens_for_good(
+        self, db: Connection, client: httpx.AsyncClient, make_widget: Callable[..., Any]
+    ) -> None:
+        widget = await make_widget()
+        first = (await send(client, widget)).json()
+        latest = (await send(client, widget, "more", token=first["visitor_token"])).json()
+        await (await superuser(db)).execute(
+            "update public.conversations set status = 'closed' where id = %s", (first["conversation_id"],)
+        )
+        closed = await send(client, widget, token=latest["visitor_token"])
+        assert closed.status_code == 409
+        assert problem(closed)["type"].endswith("/conversation-closed")
+
+        await db.execute("update public.conversations set status = 'open' where id = %s", (first["conversation_id"],))
+        for token in (first["visitor_token"], latest["visitor_token"]):
+            reopened = await send(client, widget, "back again", token=token)
+            assert reopened.status_code == 404, "a token issued before the close works again after a reopen"
+        [conversation] = await rows(
+            db, "select message_count from public.conversations where id = %s", first["conversation_id"]
+        )
+        assert conversation["message_count"] == 4
+
+    async def test_a_turn_that_arrives_after_the_close_is_not_stored(
+        self, db: Connection, client: httpx.AsyncClient, make_widget: Callable[..., Any]
+    ) -> None:
+        widget = await make_widget()
+        opened = (await send(client, widget)).json()
+        await (await superuser(db)).execute(
+            "update public.conversations set status = 'closed' where id = %s", (opened["conversation_id"],)
+        )
+        [row] = await rows(
+            db, "select visitor_id from public.conversations where id = %s", opened["conversation_id"]
+        )
+        stored = await queries.store_turn(
+            TransactionDatabase(db),
+            conversation_id=uuid.UUID(opened["conversation_id"]),
+            org_id=widget.org["id"],
+            agent_id=widget.agent["id"],
+            visitor_id=row["visitor_id"],
+            origin=ORIGIN,
+            messages=[queries.NewMessage("visitor", "late", datetime.now(UTC))],
+            items=[],
+        )
+        assert (stored.messages, stored.token_generation) == (0, None)
 
     async def test_a_full_conversation_is_a_409(
         self, db: Connection, client: httpx.AsyncClient, make_widget: Callable[..., Any]
@@ -799,7 +879,7 @@ GENERATED_FIELDS = ("conversation_id", "visitor_token", "visitor_token_expires_a
 
 class TestModelFailures:
     @pytest.mark.parametrize("failure", ["error", "timeout"])
-    async def test_a_failing_model_gives_a_friendly_reply_and_an_escalation_at_no_cost(
+    async def test_a_failing_model_gives_a_friendly_reply_and_an_escalation(
         self,
         failure: str,
         db: Connection,
@@ -835,12 +915,17 @@ class TestModelFailures:
         assert item["payload"]["reason"] == "model_unavailable"
         assert item["payload"]["summary"] == "Can I change my delivery address?"
         assert str(item["conversation_id"]) == body["conversation_id"]
-        usage = await rows(
+        [usage] = await rows(
             db,
-            "select outcome, cost_microusd from public.usage_events where org_id = %s and kind = 'chat'",
+            "select outcome, cost_microusd, estimated from public.usage_events where org_id = %s and kind = 'chat'",
             widget.org["id"],
         )
-        assert usage == [{"outcome": failure, "cost_microusd": 0}]
+        assert usage["outcome"] == failure
+        if failure == "error":  # the provider answered 500: nothing billed
+            assert (usage["cost_microusd"], usage["estimated"]) == (0, False)
+        else:  # the request went out and the provider may still bill it: charged at its bound
+            assert usage["cost_microusd"] > 0
+            assert usage["estimated"] is True
         [conversation] = await rows(
             db, "select status from public.conversations where id = %s", body["conversation_id"]
         )

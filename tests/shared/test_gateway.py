@@ -228,7 +228,7 @@ class TestMetering:
         assert (period["spent_microusd"], period["reserved_microusd"]) == (expected_cost, 0)
 
     async def test_the_request_carries_model_tools_limits_knowledge_and_request_id(
-        self, online: FakeOpenAI, tdb: TransactionDatabase, org: dict[str, Any], agent: dict[str, Any]
+        self, online: FakeOpenAI, tdb: TransactionDatabase, db: Connection, org: dict[str, Any], agent: dict[str, Any]
     ) -> None:
         await ask(tdb, org, agent, knowledge=[REFUNDS], max_tokens=123, temperature=0.5, request_id="req-wire")
 
@@ -239,7 +239,9 @@ class TestMetering:
         assert body["temperature"] == 0.5
         assert body["tools"] == WIDGET_TOOLS
         assert request.headers["authorization"] == f"Bearer {online.api_key}"
-        assert request.headers["x-client-request-id"] == "req-wire"
+        [row] = await usage_rows(db, org["id"])
+        assert request.headers["x-client-request-id"] == row["client_request_id"]
+        assert row["request_id"] == "req-wire"
         roles = [m["role"] for m in body["messages"]]
         assert roles == ["system", "system", "user"], "knowledge goes after the agent's own instructions"
         assert body["messages"][0]["content"] == "You answer for Acme Bikes."
@@ -272,7 +274,7 @@ class TestMetering:
 
 
 class TestFailures:
-    async def test_a_timeout_releases_the_reservation_and_is_recorded_as_timeout(
+    async def test_a_timeout_after_the_request_went_out_is_charged_at_the_bound_as_an_estimate(
         self,
         online: FakeOpenAI,
         gateway: Configure,
@@ -285,18 +287,26 @@ class TestFailures:
         online.delay_seconds = 1.5
 
         with pytest.raises(ModelUnavailable) as raised:
-            await ask(tdb, org, agent, request_id="req-slow")
+            await ask(tdb, org, agent, request_id="req-slow", max_tokens=70)
 
         assert raised.value.status == 503
         assert "in time" in raised.value.detail
         [row] = await usage_rows(db, org["id"])
-        assert (row["outcome"], row["cost_microusd"], row["request_id"]) == ("timeout", 0, "req-slow")
-        assert 250 <= row["latency_ms"] < 1500
         [reservation] = await reservations(db, org["id"])
-        assert reservation["status"] == "released"
+        assert (row["outcome"], row["request_id"], row["estimated"]) == ("timeout", "req-slow", True)
+        assert row["cost_microusd"] == reservation["amount_microusd"] == reservation["actual_microusd"]
+        assert row["completion_tokens"] == 70, "every completion token the call allowed"
+        assert row["cost_microusd"] == cost_microusd(
+            "gpt-4o-mini", prompt_tokens=row["prompt_tokens"], completion_tokens=70
+        )
+        [request] = online.requests
+        assert row["client_request_id"] == request.headers["x-client-request-id"]
+        assert row["provider_request_id"] is None, "no answer, so no provider id"
+        assert 250 <= row["latency_ms"] < 1500
+        assert reservation["status"] == "settled"
         period = await budget_period(db, org["id"])
         assert period is not None
-        assert (period["spent_microusd"], period["reserved_microusd"]) == (0, 0)
+        assert (period["spent_microusd"], period["reserved_microusd"]) == (row["cost_microusd"], 0)
 
     @pytest.mark.parametrize(
         ("setup", "reason"),
@@ -328,7 +338,12 @@ class TestFailures:
         assert "processing your request" not in raised.value.detail, "the provider's text never reaches a caller"
         assert raised.value.__cause__ is None
         [row] = await usage_rows(db, org["id"])
-        assert (row["outcome"], row["cost_microusd"], row["prompt_tokens"]) == ("error", 0, 0), reason
+        assert (row["outcome"], row["cost_microusd"], row["prompt_tokens"], row["estimated"]) == (
+            "error",
+            0,
+            0,
+            False,
+        ), reason
         [reservation] = await reservations(db, org["id"])
         assert reservation["status"] == "released"
 
@@ -347,9 +362,11 @@ class TestFailures:
             await ask(tdb, org, agent)
 
         [row] = await usage_rows(db, org["id"])
-        assert row["outcome"] == "error"
+        assert (row["outcome"], row["cost_microusd"], row["estimated"]) == ("error", 0, False)
+        [reservation] = await reservations(db, org["id"])
+        assert reservation["status"] == "released", "nothing went out: nothing can be billed"
 
-    async def test_a_cancelled_call_releases_its_reservation_at_once(
+    async def test_a_call_cancelled_after_the_request_went_out_is_charged_at_the_bound_at_once(
         self, online: FakeOpenAI, tdb: TransactionDatabase, db: Connection, org: dict[str, Any], agent: dict[str, Any]
     ) -> None:
         online.delay_seconds = 2.0
@@ -360,9 +377,95 @@ class TestFailures:
             await task
 
         [row] = await usage_rows(db, org["id"])
-        assert (row["outcome"], row["cost_microusd"]) == ("error", 0)
         [reservation] = await reservations(db, org["id"])
-        assert reservation["status"] == "released"
+        assert (row["outcome"], row["estimated"]) == ("cancelled", True)
+        assert row["cost_microusd"] == reservation["amount_microusd"] == reservation["actual_microusd"] > 0
+        assert reservation["status"] == "settled", "settled at once, not left for the ten-minute sweep"
+
+    async def test_a_connection_lost_after_the_request_went_out_is_charged_at_the_bound(
+        self, gateway: Configure, tdb: TransactionDatabase, db: Connection, org: dict[str, Any], agent: dict[str, Any]
+    ) -> None:
+        received: list[bytes] = []
+
+        async def read_then_hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            head = (await reader.readuntil(b"\r\n\r\n")).lower()
+            length = int(head.split(b"content-length:", 1)[1].split(b"\r\n", 1)[0])
+            received.append(await reader.readexactly(length))
+            writer.close()  # the provider has the whole request, and answers nothing
+
+        server = await asyncio.start_server(read_then_hang_up, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            gateway(OPENAI_API_KEY="sk-anything", OPENAI_BASE_URL=f"http://127.0.0.1:{port}/v1")
+            with pytest.raises(ModelUnavailable):
+                await ask(tdb, org, agent)
+        finally:
+            server.close()
+            await server.wait_closed()
+
+        assert len(received) == 1
+        [row] = await usage_rows(db, org["id"])
+        [reservation] = await reservations(db, org["id"])
+        assert (row["outcome"], row["estimated"]) == ("error", True)
+        assert row["cost_microusd"] == reservation["actual_microusd"] == reservation["amount_microusd"]
+
+    async def test_the_provider_s_request_id_and_ours_are_on_the_row(
+        self, online: FakeOpenAI, tdb: TransactionDatabase, db: Connection, org: dict[str, Any], agent: dict[str, Any]
+    ) -> None:
+        await ask(tdb, org, agent, request_id="req-turn", knowledge=[REFUNDS])
+        await embed(tdb, org_id=org["id"], agent_id=None, scan_id=None, texts=["a page"], request_id="req-turn")
+
+        rows = await usage_rows(db, org["id"])
+        sent = [request.headers["x-client-request-id"] for request in online.requests]
+        assert [row["client_request_id"] for row in rows] == sent
+        assert len(set(sent)) == 2, "one id per call, though both calls share the request id"
+        assert [row["provider_request_id"] for row in rows] == online.answered_ids
+        assert {row["request_id"] for row in rows} == {"req-turn"}
+        assert not any(row["estimated"] for row in rows)
+
+
+class TestASlowProviderStillBills:
+    """From the side of a provider that keeps working, and billing, after we stopped waiting."""
+
+    CALLS = 5
+
+    async def test_calls_that_time_out_are_metered_at_least_at_the_servers_bill_and_the_budget_refuses_more(
+        self,
+        online: FakeOpenAI,
+        gateway: Configure,
+        tdb: TransactionDatabase,
+        db: Connection,
+        org: dict[str, Any],
+        agent: dict[str, Any],
+    ) -> None:
+        probe_org = await create_org(db)
+        await ask(tdb, probe_org, None, "What are your opening hours?")
+        [probe] = await reservations(db, probe_org["id"])
+        hold = probe["amount_microusd"]
+        await set_limits(db, org["id"], monthly_budget_microusd=self.CALLS * hold + hold - 1)
+        gateway(MODEL_TIMEOUT_SECONDS="0.3")
+        online.reset()
+        online.delay_seconds = 1.0  # answers every call, later than we wait
+
+        for _ in range(self.CALLS):
+            with pytest.raises(ModelUnavailable):
+                await ask(tdb, org, agent, "What are your opening hours?")
+        with pytest.raises(BudgetExhausted):
+            await ask(tdb, org, agent, "What are your opening hours?")
+
+        billed = sum(
+            cost_microusd("gpt-4o-mini", prompt_tokens=prompt, completion_tokens=completion)
+            for prompt, completion in online.billed_tokens()
+        )
+        rows = await usage_rows(db, org["id"])
+        metered = sum(row["cost_microusd"] for row in rows)
+        assert len(online.requests) == self.CALLS, "the server received every call that timed out, and no more"
+        assert [row["outcome"] for row in rows] == ["timeout"] * self.CALLS + ["rejected"]
+        assert all(row["estimated"] for row in rows[: self.CALLS])
+        assert metered >= billed > 0, f"metered {metered} µ$ for calls the server bills {billed} µ$"
+        period = await budget_period(db, org["id"])
+        assert period is not None
+        assert (period["spent_microusd"], period["reserved_microusd"]) == (metered, 0)
 
 
 class TestBurstLimit:

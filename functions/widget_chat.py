@@ -10,7 +10,8 @@ from mangum import Mangum
 
 from shared.web.app import create_app
 from shared.web.deps import Db, Queue
-from shared.widget import service
+from shared.web.sse import EventStreamResponse
+from shared.widget import service, streaming
 from shared.widget.schemas import ChatReply, ChatRequest, WidgetConfig
 
 router = APIRouter()
@@ -32,7 +33,7 @@ async def preflight(key: str, db: Db, origin: OriginHeader = None) -> Response:
     return Response(status_code=204, headers=await service.preflight(db, key=key, origin=origin))
 
 
-@router.post("/api/widget/{key}/chat")
+@router.post("/api/widget/{key}/chat", response_model=ChatReply)
 async def chat(
     key: str,
     body: ChatRequest,
@@ -43,7 +44,21 @@ async def chat(
     origin: OriginHeader = None,
     authorization: Annotated[str | None, Header()] = None,
     x_real_ip: Annotated[str | None, Header()] = None,
-) -> ChatReply:
+    accept: Annotated[str | None, Header()] = None,
+) -> ChatReply | Response:
+    if streaming.wants_event_stream(accept):
+        turn = await streaming.open_chat_stream(
+            db,
+            key=key,
+            origin=origin,
+            token=service.bearer_token(authorization),
+            request=body,
+            client_address=service.client_address(x_real_ip, request.client),
+            request_id=request.state.request_id,
+            queue=queue,
+        )
+        request.state.org_id = turn.org_id
+        return EventStreamResponse(turn.body, headers=turn.headers)
     served = await service.chat(
         db,
         key=key,

@@ -189,9 +189,16 @@ async def watch(db: Database, selection: Selection, *, request_id: str) -> Async
     try:
         yield
     except provider.ProviderFailure as failure:
-        if selection.source == "organization" and selection.config and failure.reason in AUTH_FAILURES:
-            await _mark_broken(db, selection, failure.reason, request_id)
+        await note_failure(db, selection, failure, request_id=request_id)
         raise
+
+
+async def note_failure(
+    db: Database, selection: Selection, failure: provider.ProviderFailure, *, request_id: str
+) -> None:
+    """A failed call: if the provider refused the organization's own key, mark the key broken."""
+    if selection.source == "organization" and selection.config and failure.reason in AUTH_FAILURES:
+        await _mark_broken(db, selection, failure.reason, request_id)
 
 
 async def _mark_broken(db: Database, selection: Selection, reason: str, request_id: str) -> None:

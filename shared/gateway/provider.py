@@ -28,6 +28,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from shared.egress import EgressDenied, EgressPolicy, Resolver, guarded_client
 from shared.gateway.answers import Completion, Embeddings, MalformedAnswer, completion_from, embeddings_from
+from shared.gateway.schemas import ToolCall
+from shared.gateway.tools import parse_arguments
+from shared.logs import log_event
 from shared.settings import Settings
 
 if TYPE_CHECKING:
@@ -270,3 +273,149 @@ async def embed(
 def _provider_request_id(response: httpx2.Response) -> str | None:
     value = response.headers.get("x-request-id", "").strip()
     return value[:512] if value and value.isascii() and value.isprintable() else None
+
+
+# -- streamed chat ----------------------------------------------------------------------------------
+
+STREAM_MAX_SECONDS = 120.0
+"""The longest a streamed reply may take in all; ``timeout_seconds`` bounds each wait for a chunk."""
+
+
+@dataclass(slots=True)
+class StreamedCompletion:
+    """What a streamed completion has produced so far: filled in by ``stream_complete`` chunk by chunk.
+
+    ``request_sent`` once the request body started going out (from then on the provider may bill
+    the call); ``finished`` once the provider sent its finish reason; ``prompt_tokens`` and
+    ``completion_tokens`` once it sent the usage chunk (``stream_options.include_usage``), which
+    comes after the finish reason and which some compatible servers never send.
+    """
+
+    content: list[str] = field(default_factory=list)
+    tool_calls: dict[int, tuple[list[str], list[str]]] = field(default_factory=dict)
+    """Per tool-call index: the name's pieces and the arguments' pieces, as they arrived."""
+    request_sent: bool = False
+    finished: bool = False
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    provider_request_id: str | None = None
+
+    def text(self) -> str:
+        return "".join(self.content)
+
+    def calls(self) -> list[ToolCall]:
+        """The tool calls of a finished stream, their arguments parsed (``{}`` when not a JSON object)."""
+        calls: list[ToolCall] = []
+        for _, (name, arguments) in sorted(self.tool_calls.items()):
+            parsed = parse_arguments("".join(arguments))
+            if parsed is None:
+                # Keep the intent (a visitor asking for a person still is one); the caller validates values.
+                log_event("tool arguments were not a JSON object", decision_reason="tool-arguments-invalid")
+                parsed = {}
+            calls.append(ToolCall("".join(name), parsed))
+        return calls
+
+    def add(self, chunk: Any) -> str:
+        """Take one ``chat.completion.chunk`` (a dict, as sent); returns its text, if any."""
+        usage = chunk.get("usage")
+        if usage is not None:
+            prompt_tokens, completion_tokens = usage["prompt_tokens"], usage["completion_tokens"]
+            if not all(type(n) is int and n >= 0 for n in (prompt_tokens, completion_tokens)):
+                raise ValueError("usage counts must be non-negative integers")
+            self.prompt_tokens, self.completion_tokens = prompt_tokens, completion_tokens
+        text = ""
+        for choice in chunk["choices"]:
+            if choice.get("index", 0) != 0:
+                continue
+            delta = choice.get("delta") or {}
+            piece = delta.get("content")
+            if piece:
+                text += str(piece)
+            for call in delta.get("tool_calls") or []:
+                name, arguments = self.tool_calls.setdefault(int(call["index"]), ([], []))
+                function = call.get("function") or {}
+                if function.get("name"):
+                    name.append(str(function["name"]))
+                if function.get("arguments"):
+                    arguments.append(str(function["arguments"]))
+            if choice.get("finish_reason"):
+                self.finished = True
+        if text:
+            self.content.append(text)
+        return text
+
+
+async def stream_complete(
+    config: ProviderConfig,
+    *,
+    model: str,
+    messages: Sequence[tuple[ProviderRole, str]],
+    tools: list[dict[str, Any]] | None,
+    max_tokens: int,
+    temperature: float,
+    request_id: str,
+    into: StreamedCompletion,
+) -> AsyncIterator[str]:
+    """A streamed chat completion: yields each piece of text as it arrives and fills ``into``.
+    ``request_id`` goes to the provider as ``X-Client-Request-Id``.
+
+    Raises ``ProviderFailure`` when the provider refuses, fails mid-stream, sends something
+    unusable, sends nothing for ``timeout_seconds`` (a stall), or passes ``STREAM_MAX_SECONDS`` in
+    all; what arrived before stays in ``into``. A failure once the stream has started may have been
+    billed. Closing the generator early closes the provider's stream (the model stops writing).
+
+    The deadlines are taken around each wait, never across a ``yield``: a deadline that spanned one
+    would fire in whatever the consumer was doing at the time.
+    """
+    from openai import AsyncStream
+
+    body: dict[str, Any] = {
+        "model": model,
+        "messages": [{"role": role, "content": content} for role, content in messages],
+        "max_completion_tokens": max_tokens,
+        "temperature": temperature,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    if tools:
+        body["tools"] = tools
+    client = _client(config)
+    deadline = asyncio.get_running_loop().time() + STREAM_MAX_SECONDS
+    with track_call() as progress:
+        try:
+            async with _provider_call(config):
+                # Chunks come back as the dicts they were sent as: the SDK's chunk models would cost
+                # a pydantic construction per word.
+                stream = await client.post(
+                    "/chat/completions",
+                    cast_to=object,
+                    body=body,
+                    options={"headers": {"X-Client-Request-Id": request_id}},
+                    stream=True,
+                    stream_cls=AsyncStream[object],
+                )
+        finally:
+            into.request_sent = progress.body_sent
+    into.request_sent = True
+    into.provider_request_id = _provider_request_id(stream.response)
+    chunks = aiter(stream)
+    try:
+        while True:
+            try:
+                async with _provider_call(config), asyncio.timeout_at(deadline):
+                    try:
+                        chunk = await anext(chunks)
+                    except StopAsyncIteration:
+                        break
+                text = into.add(chunk)
+            except ProviderFailure as failure:  # the provider accepted the call: it may bill it
+                raise ProviderFailure(failure.outcome, failure.reason, may_be_billed=True) from None
+            except (AttributeError, IndexError, KeyError, TypeError, ValueError):
+                raise ProviderFailure("error", "model-malformed-response", may_be_billed=True) from None
+            if text:
+                yield text
+    finally:
+        await stream.close()
+    if not into.finished:
+        # The connection ended without a finish reason: the reply may be cut anywhere.
+        raise ProviderFailure("error", "model-stream-incomplete", may_be_billed=True)

@@ -152,14 +152,17 @@ def _read_ipc(listener: socket.socket, messages: list[dict[str, Any]], started: 
 
 
 @contextlib.contextmanager
-def serve(function: BuiltFunction, env: dict[str, str], *, timeout: float = 60.0) -> Iterator[ServedFunction]:
+def serve(
+    function: BuiltFunction, env: dict[str, str], *, timeout: float = 60.0, instance: str = ""
+) -> Iterator[ServedFunction]:
     """Run one built function as Vercel's Python runtime does and yield where it answers.
 
     The function is assembled from what it ships, started with the environment its
     ``.vc-config.json`` sets plus ``env``, and it tells us its port over the IPC socket, as it tells
-    Vercel's runtime. Fails with the function's own output if it cannot start.
+    Vercel's runtime. Fails with the function's own output if it cannot start. ``instance`` names a
+    second copy of a function served at the same time (another environment), in its own folder.
     """
-    folder = assemble(function, ASSEMBLED / function.name)
+    folder = assemble(function, ASSEMBLED / (function.name + instance))
     with tempfile.TemporaryDirectory(prefix="vc-ipc-") as ipc_dir:
         ipc_path = os.path.join(ipc_dir, "ipc.sock")
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -40,7 +40,7 @@ from shared import gateway, reviews
 from shared.connections import outbox
 from shared.db.session import Database
 from shared.errors import BudgetExhausted, DomainError, ModelUnavailable, RateLimited
-from shared.gateway import WIDGET_TOOLS, ChatMessage, ChatResult
+from shared.gateway import WIDGET_TOOLS, ChatMessage, ChatResult, ToolCall
 from shared.logs import DECISION_REASON, ORG_ID, REQUEST_ID, log_event
 from shared.queues import PRODUCTION as QUEUE
 from shared.queues import QueueEnvironment
@@ -352,18 +352,30 @@ async def _answer(
         escalation = reviews.escalation(reason="model_unavailable", summary=message, draft_reply="")
         return MODEL_FAILURE_REPLY, "handed_to_team", [escalation], None
 
+    items = review_items(result.tool_calls, request_id, context.org_id)
+    escalated = any(item.kind == "escalation" for item in items)
+    reply = result.content.strip() or own_reply(items)
+    return reply, "handed_to_team" if escalated else "answered", items, result
+
+
+def review_items(tool_calls: list[ToolCall], request_id: str, org_id: UUID) -> list[reviews.NewReviewItem]:
+    """The review items the model's tool calls ask for: invalid ones are logged and dropped, and a
+    turn makes at most one escalation."""
     items: list[reviews.NewReviewItem] = []
-    for call in result.tool_calls:
+    for call in tool_calls:
         item = reviews.from_tool_call(call)
         if item is None:
-            _log(request_id, context.org_id, "tool call ignored", f"{call.name}-invalid")
+            _log(request_id, org_id, "tool call ignored", f"{call.name}-invalid")
         elif item.kind != "escalation" or all(i.kind != "escalation" for i in items):
             items.append(item)
-    escalated = any(item.kind == "escalation" for item in items)
-    reply = result.content.strip()
-    if not reply:
-        reply = HANDED_OVER_REPLY if escalated else LEAD_NOTED_REPLY if items else EMPTY_REPLY
-    return reply, "handed_to_team" if escalated else "answered", items, result
+    return items
+
+
+def own_reply(items: list[reviews.NewReviewItem]) -> str:
+    """Our wording when the model wrote no text (it only called a tool, or said nothing)."""
+    if any(item.kind == "escalation" for item in items):
+        return HANDED_OVER_REPLY
+    return LEAD_NOTED_REPLY if items else EMPTY_REPLY
 
 
 async def _knowledge(

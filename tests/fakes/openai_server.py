@@ -17,6 +17,15 @@ received, answered in time or not: the most each could cost, a token per byte of
 messages and tools and every completion token it allowed.
 A wrong bearer token gets a 401, as from OpenAI. Tests point the gateway at it with
 ``OPENAI_BASE_URL=<fake.base_url>`` and ``OPENAI_API_KEY=<fake.api_key>``.
+
+A chat request with ``"stream": true`` is answered as OpenAI streams: ``chat.completion.chunk``
+events (the reply's words one by one, then the tool calls with their arguments in pieces, then the
+finish reason), a last chunk with ``usage`` and no choices when the request asked for it
+(``stream_options.include_usage``) and the reply has token counts, then ``data: [DONE]``.
+``first_token_seconds`` holds the first chunk back and ``token_interval_seconds`` paces the rest;
+``stream_fail_after`` ends the stream with an in-stream error event after that many words, and
+``stream_stall_after`` stops sending (without closing) after that many words.
+``streams_closed_early`` counts the streams whose client went away before the end.
 """
 
 from __future__ import annotations
@@ -27,12 +36,13 @@ import functools
 import hashlib
 import json
 import random
+import re
 import secrets
 import socket
 import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,7 +50,7 @@ from typing import Any
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 
@@ -78,6 +88,13 @@ class FakeOpenAI:
         self.answered_ids: list[str] = []
         self.embedding_dimensions = 1536
         self.vectors: dict[str, list[float]] = {}
+        self.first_token_seconds = 0.0
+        self.token_interval_seconds = 0.0
+        self.stream_fail_after: int | None = None
+        self.stream_stall_after: int | None = None
+        self.streams_closed_early = 0
+        self.stream_closed = threading.Event()
+        """Set when a stream's client went away before its end."""
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -92,6 +109,12 @@ class FakeOpenAI:
         self.answered_ids = []
         self.embedding_dimensions = 1536
         self.vectors = {}
+        self.first_token_seconds = 0.0
+        self.token_interval_seconds = 0.0
+        self.stream_fail_after = None
+        self.stream_stall_after = None
+        self.streams_closed_early = 0
+        self.stream_closed.clear()
 
     def requests_to(self, path: str) -> list[RecordedRequest]:
         return [r for r in self.requests if r.path == path]
@@ -159,6 +182,9 @@ class FakeOpenAI:
         body, early = await self._prelude(request)
         if early is not None:
             return early
+        if body.get("stream") is True:
+            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            return self._answered(StreamingResponse(self._chunks(body, include_usage), media_type="text/event-stream"))
         reply = self.reply
         message: dict[str, Any] = {"role": "assistant", "content": reply.content, "refusal": None}
         if reply.tool_calls:
@@ -194,6 +220,63 @@ class FakeOpenAI:
                 "total_tokens": _total(reply.prompt_tokens, reply.completion_tokens),
             }
         return self._answered(JSONResponse(payload))
+
+    async def _chunks(self, body: dict[str, Any], include_usage: bool) -> AsyncIterator[bytes]:
+        reply = self.reply
+        completion_id = f"chatcmpl-{secrets.token_hex(12)}"
+        created = int(time.time())
+
+        def chunk(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> bytes:
+            payload = {
+                "id": completion_id,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": body.get("model", ""),
+                "choices": choices,
+                "usage": usage,
+            }
+            return f"data: {json.dumps(payload)}\n\n".encode()
+
+        def delta(values: dict[str, Any], finish_reason: str | None = None) -> bytes:
+            return chunk([{"index": 0, "delta": values, "finish_reason": finish_reason, "logprobs": None}])
+
+        words = re.findall(r"\S+\s*", reply.content or "")
+        finished = False
+        try:
+            await asyncio.sleep(self.first_token_seconds)
+            yield delta({"role": "assistant", "content": "", "refusal": None})
+            for sent, word in enumerate(words):
+                if self.stream_fail_after is not None and sent >= self.stream_fail_after:
+                    error = {"message": "The server had an error processing your request.", "type": "server_error"}
+                    yield f"data: {json.dumps({'error': error})}\n\n".encode()
+                    finished = True
+                    return
+                if self.stream_stall_after is not None and sent >= self.stream_stall_after:
+                    await asyncio.sleep(3600)
+                if sent:
+                    await asyncio.sleep(self.token_interval_seconds)
+                yield delta({"content": word})
+            for index, (name, arguments) in enumerate(reply.tool_calls):
+                encoded = arguments if isinstance(arguments, str) else json.dumps(arguments)
+                opening = {"index": index, "id": f"call_{secrets.token_hex(8)}", "type": "function"}
+                yield delta({"tool_calls": [{**opening, "function": {"name": name, "arguments": ""}}]})
+                for start in range(0, len(encoded), 7):
+                    piece = encoded[start : start + 7]
+                    yield delta({"tool_calls": [{"index": index, "function": {"arguments": piece}}]})
+            yield delta({}, "tool_calls" if reply.tool_calls else "stop")
+            if include_usage and reply.prompt_tokens is not None and reply.completion_tokens is not None:
+                usage = {
+                    "prompt_tokens": reply.prompt_tokens,
+                    "completion_tokens": reply.completion_tokens,
+                    "total_tokens": reply.prompt_tokens + reply.completion_tokens,
+                }
+                yield chunk([], usage)
+            yield b"data: [DONE]\n\n"
+            finished = True
+        finally:
+            if not finished:
+                self.streams_closed_early += 1
+                self.stream_closed.set()
 
     async def _embeddings(self, request: Request) -> Response:
         body, early = await self._prelude(request)

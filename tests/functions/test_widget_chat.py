@@ -31,6 +31,8 @@ from shared.db.errors import map_db_errors
 from shared.db.pool import close_pools
 from shared.db.session import as_user, get_database
 from shared.gateway import CAPTURE_LEAD, ESCALATE, close_clients
+from shared.gateway.schemas import MAX_REPLY_CHARS
+from shared.gateway.service import CLIPPED_NOTE
 from shared.redis import close_redis, get_redis
 from shared.settings import get_settings
 from shared.widget import queries, visitor_tokens
@@ -930,6 +932,82 @@ class TestModelFailures:
             db, "select status from public.conversations where id = %s", body["conversation_id"]
         )
         assert conversation["status"] == "escalated"
+
+
+class TestMalformedAnswers:
+    """A provider answer that is not the documented shape ends as outcome ``error``: a friendly
+    reply, an escalation, the transcript stored, a usage row and the hold released."""
+
+    @pytest.mark.parametrize(
+        ("case", "setup"),
+        [
+            ("a 200 that is not JSON", lambda fake: setattr(fake, "raw_bytes", b"{not json")),
+            ("content that is a number", lambda fake: setattr(fake.reply, "content", 42)),
+            ("content that is an object", lambda fake: setattr(fake.reply, "content", {"text": "hi"})),
+            ("a fractional token count", lambda fake: setattr(fake.reply, "prompt_tokens", 1.5)),
+            ("a token count as text", lambda fake: setattr(fake.reply, "completion_tokens", "20")),
+            ("a token count past 2^31-1", lambda fake: setattr(fake.reply, "prompt_tokens", 2**31)),
+        ],
+    )
+    async def test_a_malformed_answer_is_an_error_with_a_reply_an_escalation_and_a_transcript(
+        self,
+        case: str,
+        setup: Callable[[FakeOpenAI], None],
+        db: Connection,
+        online: FakeOpenAI,
+        client: httpx.AsyncClient,
+        make_widget: Callable[..., Any],
+    ) -> None:
+        widget = await make_widget()
+        setup(online)
+
+        response = await send(client, widget, "Do you ship to Norway?")
+
+        assert response.status_code == 200, (case, response.text)
+        body = response.json()
+        assert (body["reply"], body["status"]) == (MODEL_FAILURE_REPLY, "handed_to_team"), case
+        [item] = await rows(db, "select kind, payload from public.review_items where org_id = %s", widget.org["id"])
+        assert (item["kind"], item["payload"]["reason"]) == ("escalation", "model_unavailable")
+        transcript = await rows(
+            db,
+            "select role, content from public.messages where conversation_id = %s order by created_at, id",
+            body["conversation_id"],
+        )
+        assert [m["content"] for m in transcript] == ["Do you ship to Norway?", MODEL_FAILURE_REPLY]
+        [usage] = await rows(
+            db,
+            "select outcome, cost_microusd, estimated, prompt_tokens from public.usage_events"
+            " where org_id = %s and kind = 'chat'",
+            widget.org["id"],
+        )
+        assert usage == {"outcome": "error", "cost_microusd": 0, "estimated": False, "prompt_tokens": 0}, case
+        holds = await rows(db, "select status from public.budget_reservations where org_id = %s", widget.org["id"])
+        assert [h["status"] for h in holds] == ["released"]
+
+    async def test_a_reply_past_the_transcript_limit_is_clipped_saying_so_and_stored(
+        self, db: Connection, online: FakeOpenAI, client: httpx.AsyncClient, make_widget: Callable[..., Any]
+    ) -> None:
+        widget = await make_widget()
+        online.reply.content = "All about shipping. " * 7_500  # 150,000 characters
+
+        response = await send(client, widget, "Tell me everything about shipping")
+
+        assert response.status_code == 200, response.text
+        body = response.json()
+        [reply] = await rows(
+            db,
+            "select content, usage_event_id from public.messages where conversation_id = %s and role <> 'visitor'",
+            body["conversation_id"],
+        )
+        assert len(reply["content"]) == MAX_REPLY_CHARS
+        assert reply["content"].startswith("All about shipping. ")
+        assert reply["content"].endswith(CLIPPED_NOTE)
+        assert body["reply"] == reply["content"]
+        [usage] = await rows(
+            db, "select id, outcome, cost_microusd from public.usage_events where org_id = %s", widget.org["id"]
+        )
+        assert (usage["outcome"], usage["id"]) == ("ok", reply["usage_event_id"])
+        assert usage["cost_microusd"] > 0, "the model answered and is paid for; the transcript shows what it said"
 
 
 class TestToolCalls:

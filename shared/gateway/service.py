@@ -8,9 +8,13 @@
    advance with ``admit_burst``, together with its own limits, in one Redis request; each call
    given the resulting ``BurstPass`` uses one of its calls instead of asking Redis again.
 2. Reservation of the call's maximum cost (``shared.pricing``) in its own committed transaction
-   (``as_service``), so concurrent calls see it. Refused (HH402): ``BudgetExhausted`` and one usage
-   row with outcome ``rejected`` and cost 0 (the organization sees why its widget went quiet; the
-   burst limit bounds how many such rows a minute can write). No model call is made.
+   (``as_service``), so concurrent calls see it. When what is left of the budget cannot cover it, a
+   chat call takes what is left if that pays for at least ``MIN_COMPLETION_TOKENS`` of reply, and
+   its ``max_completion_tokens`` is lowered to what the hold pays for; when there is no room only
+   because other calls' holds are in flight, it waits up to ``BUDGET_WAIT_SECONDS`` for them to
+   settle. Refused (HH402): ``BudgetExhausted`` and one usage row with outcome ``rejected`` and
+   cost 0 (the organization sees why its widget went quiet; the burst limit bounds how many such
+   rows a minute can write). No model call is made.
 3. The call: the openai SDK with the configured key and ``base_url``, or the offline provider when
    no key is configured.
 4. One usage row and the settlement, in one transaction: ``ok`` settles to the real cost. A call
@@ -23,9 +27,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import random
 import time
 import uuid
+import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -34,7 +41,7 @@ from uuid import UUID
 from shared import budgets, metering
 from shared.db.session import Database, as_service
 from shared.errors import BudgetExhausted, ModelUnavailable, NotFound, RateLimited
-from shared.gateway import offline, provider
+from shared.gateway import keys, offline, provider
 from shared.gateway.schemas import MAX_REPLY_CHARS, ChatMessage, ChatResult, ToolCall
 from shared.gateway.tools import accepted_tool_calls, tool_names
 from shared.logs import DECISION_REASON, LATENCY_MS, ORG_ID, REQUEST_ID, log_event
@@ -42,6 +49,7 @@ from shared.metering import Usage
 from shared.pricing import (
     EMBEDDING_MODEL,
     OFFLINE_MODEL,
+    TOKENS_PER_PRICE_UNIT,
     cost_microusd,
     max_cost_microusd,
     price_of,
@@ -55,6 +63,10 @@ BURST_BUCKET = "model-burst"
 BURST_WINDOW_SECONDS = 60
 EMBEDDING_DIMENSIONS = 1536
 MAX_COMPLETION_TOKENS = 4096
+MIN_COMPLETION_TOKENS = 100
+"""The least reply a chat call is lowered to when the budget cannot cover its whole hold (about 75 words)."""
+BUDGET_WAIT_SECONDS = 5.0
+"""How long a call waits for other calls' holds to settle when only they stand in its way."""
 MAX_EMBEDDING_INPUTS = 2048
 
 KNOWLEDGE_PREAMBLE = (
@@ -144,11 +156,35 @@ class _Answer[T]:
 @dataclass(frozen=True, slots=True)
 class _Bound:
     """The most a call can use: what it reserves, and what it is charged when it may have been billed
-    but no usage came back."""
+    but no usage came back. ``least_completion_tokens``: how far the completion allowance may be
+    lowered to fit what is left of the budget (the whole allowance when it may not be)."""
 
+    model: str
     prompt_tokens: int
     completion_tokens: int
-    cost_microusd: int
+    least_completion_tokens: int
+
+    @property
+    def cost_microusd(self) -> int:
+        return max_cost_microusd(
+            self.model, prompt_token_bound=self.prompt_tokens, max_completion_tokens=self.completion_tokens
+        )
+
+    @property
+    def floor_microusd(self) -> int:
+        return max_cost_microusd(
+            self.model, prompt_token_bound=self.prompt_tokens, max_completion_tokens=self.least_completion_tokens
+        )
+
+    def within(self, hold_microusd: int) -> _Bound:
+        """The largest completion allowance whose cost the hold covers (the whole one if it does)."""
+        if hold_microusd >= self.cost_microusd:
+            return self
+        price = price_of(self.model)
+        room = hold_microusd * TOKENS_PER_PRICE_UNIT - self.prompt_tokens * price.input_microusd_per_mtok
+        affordable = room // price.output_microusd_per_mtok
+        tokens = min(self.completion_tokens, max(self.least_completion_tokens, affordable))
+        return replace(self, completion_tokens=tokens)
 
 
 async def chat(
@@ -179,7 +215,8 @@ async def chat(
     if not 1 <= max_tokens <= MAX_COMPLETION_TOKENS:
         raise ValueError(f"max_tokens must be between 1 and {MAX_COMPLETION_TOKENS}")
     price_of(model)  # an unknown model is refused even offline, so a misconfigured agent shows locally
-    config = provider.config_from(get_settings())
+    selection = await keys.select(db, org_id)
+    config = selection.config
     knowledge = knowledge or []
     offered = tool_names(tools)
     prompt = _provider_messages(messages, knowledge)
@@ -191,40 +228,39 @@ async def chat(
         model=model if config is not None else OFFLINE_MODEL,
         outcome="ok",
         request_id=request_id,
+        key_source=selection.source,
     )
 
     if config is None:
-        bound = _Bound(0, 0, 0)
+        bound = _Bound(OFFLINE_MODEL, 0, 0, 0)
 
-        async def call() -> _Answer[tuple[str, list[ToolCall]]]:
+        async def call(granted: _Bound) -> _Answer[tuple[str, list[ToolCall]]]:
+            del granted  # free: the offline provider has no allowance to lower
             reply = offline.answer(messages, knowledge, offered)
             return _Answer((reply.content, reply.tool_calls), reply.prompt_tokens, reply.completion_tokens)
 
     else:
         prompt_bound = prompt_token_bound((content for _, content in prompt), messages=len(prompt), tools=tools or ())
-        bound = _Bound(
-            prompt_bound,
-            max_tokens,
-            max_cost_microusd(model, prompt_token_bound=prompt_bound, max_completion_tokens=max_tokens),
-        )
+        bound = _Bound(model, prompt_bound, max_tokens, min(max_tokens, MIN_COMPLETION_TOKENS))
         usage = replace(usage, client_request_id=_client_request_id())
         online, sent_as = config, usage.client_request_id or ""
 
-        async def call() -> _Answer[tuple[str, list[ToolCall]]]:
-            completion = await provider.complete(
-                online,
-                model=model,
-                messages=prompt,
-                tools=tools,
-                max_tokens=max_tokens,
-                temperature=temperature,
-                request_id=sent_as,
-            )
+        async def call(granted: _Bound) -> _Answer[tuple[str, list[ToolCall]]]:
+            async with keys.watch(db, selection, request_id=request_id):
+                completion = await provider.complete(
+                    online,
+                    model=model,
+                    messages=prompt,
+                    tools=tools,
+                    max_tokens=granted.completion_tokens,
+                    temperature=temperature,
+                    request_id=sent_as,
+                )
             return _measured(
                 (completion.content, completion.tool_calls),
                 completion.prompt_tokens,
                 completion.completion_tokens,
-                bound,
+                granted,
                 usage,
                 completion.provider_request_id,
             )
@@ -270,10 +306,10 @@ async def embed(
         raise ValueError(f"at most {MAX_EMBEDDING_INPUTS} texts per call")
     if any(not text.strip() for text in texts):
         raise ValueError("texts to embed must not be empty")
-    config = provider.config_from(get_settings())
-    if config is None:
+    selection = await keys.select(db, org_id)
+    if selection.config is None:
         return None
-    online = config
+    online = selection.config
     usage = Usage(
         org_id=org_id,
         agent_id=agent_id,
@@ -282,19 +318,18 @@ async def embed(
         model=EMBEDDING_MODEL,
         outcome="ok",
         request_id=request_id,
+        key_source=selection.source,
         client_request_id=_client_request_id(),
     )
-    prompt_bound = prompt_token_bound(texts, messages=0)
-    bound = _Bound(
-        prompt_bound, 0, max_cost_microusd(EMBEDDING_MODEL, prompt_token_bound=prompt_bound, max_completion_tokens=0)
-    )
+    bound = _Bound(EMBEDDING_MODEL, prompt_token_bound(texts, messages=0), 0, 0)
     sent_as = usage.client_request_id or ""
 
-    async def call() -> _Answer[list[list[float]]]:
-        result = await provider.embed(
-            online, model=EMBEDDING_MODEL, texts=texts, dimensions=EMBEDDING_DIMENSIONS, request_id=sent_as
-        )
-        return _measured(result.vectors, result.prompt_tokens, 0, bound, usage, result.provider_request_id)
+    async def call(granted: _Bound) -> _Answer[list[list[float]]]:
+        async with keys.watch(db, selection, request_id=request_id):
+            result = await provider.embed(
+                online, model=EMBEDDING_MODEL, texts=texts, dimensions=EMBEDDING_DIMENSIONS, request_id=sent_as
+            )
+        return _measured(result.vectors, result.prompt_tokens, 0, granted, usage, result.provider_request_id)
 
     vectors, _, _ = await _metered(
         db, usage, bound=bound, burst_per_minute=burst_per_minute, burst_pass=burst_pass, call=call
@@ -309,18 +344,27 @@ async def _metered[T](
     bound: _Bound,
     burst_per_minute: int | None,
     burst_pass: BurstPass | None,
-    call: Callable[[], Awaitable[_Answer[T]]],
+    call: Callable[[_Bound], Awaitable[_Answer[T]]],
 ) -> tuple[T, Usage, int]:
-    reservation_id = await _admit(
-        db, usage, estimate=bound.cost_microusd, burst_per_minute=burst_per_minute, burst_pass=burst_pass
-    )
+    reservation = await _admit(db, usage, bound=bound, burst_per_minute=burst_per_minute, burst_pass=burst_pass)
+    reservation_id = reservation.id
+    if reservation.amount_microusd < bound.cost_microusd:
+        bound = bound.within(reservation.amount_microusd)
+        _log(
+            usage,
+            "the budget's room lowered the reply allowance",
+            logging.INFO,
+            "completion-lowered",
+            max_completion_tokens=bound.completion_tokens,
+        )
     started = time.perf_counter()
     try:
         with provider.track_call() as progress:
-            answer = await call()
+            answer = await call(bound)
     except provider.ProviderFailure as failure:
         failed = _unanswered(usage, failure.outcome, bound, billed=failure.may_be_billed, started=started)
         await metering.record(db, failed, reservation_id=reservation_id)
+        _budget_freed(usage.org_id)
         _log(failed, "model call failed", logging.WARNING, failure.reason, estimated=failed.estimated)
         message = "The model did not answer in time." if failure.outcome == "timeout" else None
         raise ModelUnavailable(message or "The model is unavailable right now.") from None
@@ -332,6 +376,7 @@ async def _metered[T](
         failed = _unanswered(usage, outcome, bound, billed=progress.body_sent, started=started)
         try:
             await asyncio.shield(metering.record(db, failed, reservation_id=reservation_id))
+            _budget_freed(usage.org_id)
         except Exception:  # the original exception matters more; the hold expires on its own
             _log(failed, "could not record an unanswered call", logging.ERROR, "reservation-release-failed")
         raise
@@ -347,14 +392,15 @@ async def _metered[T](
         provider_request_id=answer.provider_request_id,
     )
     usage_event_id = await metering.record(db, done, reservation_id=reservation_id)
+    _budget_freed(usage.org_id)
     return answer.value, done, usage_event_id
 
 
 async def _admit(
-    db: Database, usage: Usage, *, estimate: int, burst_per_minute: int | None, burst_pass: BurstPass | None
-) -> UUID:
-    """Burst limit (or a pass that already counted this call), then the reservation; returns the
-    reservation id."""
+    db: Database, usage: Usage, *, bound: _Bound, burst_per_minute: int | None, burst_pass: BurstPass | None
+) -> budgets.Reservation:
+    """Burst limit (or a pass that already counted this call), then the reservation: the whole bound,
+    or what is left of the budget down to the bound's floor, waiting a little for holds in flight."""
     if burst_pass is None or not burst_pass.use(usage.org_id):
         if burst_per_minute is None:
             async with as_service(db) as conn:
@@ -364,12 +410,79 @@ async def _admit(
             burst_per_minute = limits.burst_per_minute
         await _check_burst(usage, burst_per_minute)
     try:
-        return await budgets.reserve(db, org_id=usage.org_id, amount_microusd=estimate)
+        return await _reserve(db, usage, bound)
     except BudgetExhausted:
         rejected = replace(usage, outcome="rejected")
         await metering.record(db, rejected, reservation_id=None)
         _log(rejected, "model call refused", logging.INFO, "budget-exhausted")
         raise
+
+
+@dataclass(eq=False, slots=True)
+class _Waiting:
+    """The calls of one organization waiting for budget in this process: one at a time asks the
+    database (``turn``), woken early when a call of the organization settles here (``settled``);
+    settlements in other processes are seen by asking again after a jittered pause."""
+
+    turn: asyncio.Lock
+    settled: asyncio.Event
+    waiters: int = 0
+
+
+_waiting: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[UUID, _Waiting]] = weakref.WeakKeyDictionary()
+
+
+def _budget_freed(org_id: UUID) -> None:
+    """A hold of ``org_id`` was settled or released: the waiting call asks again now."""
+    waiting = _waiting.get(asyncio.get_running_loop(), {}).get(org_id)
+    if waiting is not None:
+        waiting.settled.set()
+
+
+async def _reserve(db: Database, usage: Usage, bound: _Bound) -> budgets.Reservation:
+    """A hold; while the budget has no room only because of other calls' holds in flight, the call
+    waits for them to settle (up to ``BUDGET_WAIT_SECONDS``): they settle within a model call's time,
+    most of them for much less than they held."""
+    reservation = await budgets.reserve_within(
+        db, org_id=usage.org_id, amount_microusd=bound.cost_microusd, floor_microusd=bound.floor_microusd
+    )
+    if reservation is not None:
+        return reservation
+    per_loop = _waiting.setdefault(asyncio.get_running_loop(), {})
+    waiting = per_loop.setdefault(usage.org_id, _Waiting(asyncio.Lock(), asyncio.Event()))
+    waiting.waiters += 1
+    deadline = time.monotonic() + BUDGET_WAIT_SECONDS
+    # The deadline bounds the waiting only, never a reservation in flight: a reservation cancelled
+    # after the database committed it would stay held until the ten-minute sweep.
+    try:
+        async with asyncio.timeout(BUDGET_WAIT_SECONDS):
+            await waiting.turn.acquire()
+    except TimeoutError:
+        waiting.waiters -= 1
+        if waiting.waiters == 0:
+            per_loop.pop(usage.org_id, None)
+        raise BudgetExhausted() from None
+    try:
+        pause = 0.05
+        while True:
+            waiting.settled.clear()  # before asking, so a settlement in between is not missed
+            reservation = await budgets.reserve_within(
+                db, org_id=usage.org_id, amount_microusd=bound.cost_microusd, floor_microusd=bound.floor_microusd
+            )
+            if reservation is not None:
+                return reservation
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise BudgetExhausted()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(left, pause * random.uniform(0.5, 1.5))):  # noqa: S311 - jitter
+                    await waiting.settled.wait()
+            pause = min(pause * 2, 0.5)
+    finally:
+        waiting.turn.release()
+        waiting.waiters -= 1
+        if waiting.waiters == 0:
+            per_loop.pop(usage.org_id, None)
 
 
 async def _check_burst(usage: Usage, limit: int) -> None:

@@ -34,7 +34,7 @@ from uuid import UUID
 
 from shared import metering
 from shared.db.session import Database
-from shared.gateway import offline, provider
+from shared.gateway import keys, offline, provider
 from shared.gateway.schemas import ChatMessage, ToolCall
 from shared.gateway.service import (
     MAX_COMPLETION_TOKENS,
@@ -53,7 +53,6 @@ from shared.gateway.tools import accepted_tool_calls, tool_names
 from shared.metering import Usage
 from shared.pricing import OFFLINE_MODEL, cost_microusd, max_cost_microusd, price_of, prompt_token_bound
 from shared.retrieval import RetrievedChunk
-from shared.settings import get_settings
 
 StreamEnding = Literal["finished", "failed", "cut_short"]
 
@@ -155,6 +154,8 @@ class ChatStream:
                 yield text
         except provider.ProviderFailure as failure:
             self._failure = failure
+            selection = keys.Selection(self._config, self._usage.key_source, self._usage.org_id)
+            await keys.note_failure(self._db, selection, failure, request_id=self._usage.request_id)
 
     async def finish(self) -> StreamedChat:
         """Meter the call and settle its reservation (once), and say how the stream ended.
@@ -252,7 +253,8 @@ async def open_chat_stream(
     if not 1 <= max_tokens <= MAX_COMPLETION_TOKENS:
         raise ValueError(f"max_tokens must be between 1 and {MAX_COMPLETION_TOKENS}")
     price_of(model)  # an unknown model is refused even offline, as in ``chat``
-    config = provider.config_from(get_settings())
+    selection = await keys.select(db, org_id)
+    config = selection.config
     knowledge = knowledge or []
     prompt = _provider_messages(messages, knowledge)
     usage = Usage(
@@ -263,6 +265,7 @@ async def open_chat_stream(
         model=model if config is not None else OFFLINE_MODEL,
         outcome="ok",
         request_id=request_id,
+        key_source=selection.source,
     )
     if config is None:
         bound = _Bound(0, 0, 0)

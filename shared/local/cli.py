@@ -2,8 +2,8 @@
 
 hiredhands db    embedded Postgres with bootstrap, migrations and seed; prints DATABASE_URL first
 hiredhands dev   the whole stack: database, Redis behind the Upstash REST bridge, every function
-                 on one port at its vercel.json paths, and the vercel.json crons on their schedules,
-                 and the demo site (shared/local/demo.py)
+                 on one port at its vercel.json paths, the vercel.json crons on their schedules,
+                 the queue dev server and its subscribers, and the demo site (shared/local/demo.py)
 """
 
 from __future__ import annotations
@@ -128,6 +128,10 @@ def cmd_dev(args: argparse.Namespace) -> None:
         _local_environment(server.url(DATABASE, user="authenticator"), f"http://127.0.0.1:{bridge_port}", redis_token)
     )
     from shared.local.demo import DemoSite, allow_demo_origins
+    from shared.local.queue import run_subscribers_in_thread, start_queue_server
+
+    queue_process, queue_environment = start_queue_server()
+    os.environ.update(queue_environment)
     from shared.local.routes import LocalRouter
     from shared.settings import get_settings
 
@@ -137,6 +141,7 @@ def cmd_dev(args: argparse.Namespace) -> None:
     site = DemoSite(api_port=args.port, widget_key=DEMO_WIDGET_KEY, allowed=True, refused_port=refused_port)
     _serve_in_thread(LocalRouter(site), args.port)
     _serve_in_thread(DemoSite(api_port=args.port, widget_key=DEMO_WIDGET_KEY, allowed=False), refused_port)
+    run_subscribers_in_thread()
 
     import jwt
 
@@ -160,6 +165,7 @@ def cmd_dev(args: argparse.Namespace) -> None:
     )
     print(f"  database (as the API login role): {server.url(DATABASE, user='authenticator')}")
     print(f"  redis: {redis_url} behind the Upstash REST bridge at http://127.0.0.1:{bridge_port}")
+    print(f"  queue: the vercel-queue dev server at {queue_environment['VERCEL_QUEUE_BASE_URL']}")
     print(f"  demo user: {DEMO_USER['email']} ({DEMO_USER['id']})")
     print(f"  demo access token (12 h): {token}")
     print(f"  demo widget key: {DEMO_WIDGET_KEY}")
@@ -178,6 +184,7 @@ def cmd_dev(args: argparse.Namespace) -> None:
         _wait_forever()
     finally:
         stop.set()
+        queue_process.terminate()
         if redis_process is not None:
             redis_process.terminate()
 

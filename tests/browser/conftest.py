@@ -29,9 +29,12 @@ import psycopg.sql
 import pytest
 import redis
 import uvicorn
+from playwright.async_api import expect
 from psycopg import AsyncConnection
 from psycopg.rows import dict_row
+from starlette.types import ASGIApp, Receive, Scope, Send
 
+from shared.db.pool import close_pools
 from shared.gateway import close_clients
 from shared.local.demo import DemoSite, demo_origins
 from shared.local.routes import LocalRouter
@@ -54,6 +57,12 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
+
+
+# A reply takes a model call and several database round trips on a machine shared with the other
+# tests; the first one also imports the model SDK. Waits are for outcomes, so a longer bound costs
+# nothing when things are fast.
+expect.set_options(timeout=20_000)
 
 
 @pytest.fixture(scope="session")
@@ -80,10 +89,34 @@ def _listening_socket() -> socket.socket:
     return sock
 
 
-def _serve(app: Any) -> tuple[int, uvicorn.Server, threading.Thread]:
+class ClosingClients:
+    """``app``, and on the server's shutdown the database pool and clients its loop opened, so no
+    connection outlives the module's tests."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await close_clients()
+                await close_redis()
+                await close_pools()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+
+def _serve(app: ASGIApp) -> tuple[int, uvicorn.Server, threading.Thread]:
     sock = _listening_socket()
     port: int = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, lifespan="off", ws="none", log_level="warning", access_log=False))
+    config = uvicorn.Config(ClosingClients(app), lifespan="on", ws="none", log_level="warning", access_log=False)
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name=f"site-{port}", daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
@@ -159,8 +192,6 @@ async def stack(worker_db: str, admin_url: str, redis_bridge: tuple[str, str]) -
             for running, running_thread in ((server, thread), (refused_server, refused_thread)):
                 running.should_exit = True
                 running_thread.join(10)
-            await close_clients()
-            await close_redis()
     get_settings.cache_clear()
 
 
@@ -218,7 +249,8 @@ class Observed:
 @pytest.fixture
 async def open_page(browser: Any, request: pytest.FixtureRequest) -> AsyncIterator[Any]:
     """``await open_page(**context_options)``: a page in a fresh context, observed; its last state
-    is saved as ``build/test-artifacts/widget/<test>.png``, and it must end with no CSP violation."""
+    is saved as ``build/test-artifacts/widget/<test>.png`` (``await page.snap(label)`` saves a moment
+    as ``<test>-<label>.png``), and it must end with no CSP violation or uncaught error."""
     contexts: list[Any] = []
     pages: list[Any] = []
 
@@ -238,6 +270,13 @@ async def open_page(browser: Any, request: pytest.FixtureRequest) -> AsyncIterat
             await dialog.dismiss()
 
         page.on("dialog", on_dialog)
+
+        async def snap(label: str) -> None:
+            """A screenshot of the moment, beside the one of the page's last state."""
+            ARTIFACTS.mkdir(parents=True, exist_ok=True)
+            await page.screenshot(path=str(ARTIFACTS / f"{request.node.name}-{label}.png"))
+
+        page.snap = snap
         pages.append(page)
         return page
 

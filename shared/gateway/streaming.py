@@ -38,9 +38,11 @@ from shared.gateway import keys, offline, provider
 from shared.gateway.schemas import ChatMessage, ToolCall
 from shared.gateway.service import (
     MAX_COMPLETION_TOKENS,
+    MIN_COMPLETION_TOKENS,
     BurstPass,
     _admit,
     _Bound,
+    _budget_freed,
     _client_request_id,
     _clipped,
     _elapsed_ms,
@@ -51,7 +53,7 @@ from shared.gateway.service import (
 )
 from shared.gateway.tools import accepted_tool_calls, tool_names
 from shared.metering import Usage
-from shared.pricing import OFFLINE_MODEL, cost_microusd, max_cost_microusd, price_of, prompt_token_bound
+from shared.pricing import OFFLINE_MODEL, cost_microusd, price_of, prompt_token_bound
 from shared.retrieval import RetrievedChunk
 
 StreamEnding = Literal["finished", "failed", "cut_short"]
@@ -146,7 +148,7 @@ class ChatStream:
                 model=self._usage.model,
                 messages=self._prompt,
                 tools=self._tools,
-                max_tokens=self._max_tokens,
+                max_tokens=self._bound.completion_tokens,
                 temperature=self._temperature,
                 request_id=self._usage.client_request_id or "",
                 into=self._received,
@@ -209,6 +211,7 @@ class ChatStream:
             )
         try:
             usage_event_id = await metering.record(self._db, usage, reservation_id=self._reservation_id)
+            _budget_freed(usage.org_id)
         except Exception:
             _log(usage, "could not meter a streamed call", logging.ERROR, "stream-metering-failed")
             raise
@@ -268,22 +271,26 @@ async def open_chat_stream(
         key_source=selection.source,
     )
     if config is None:
-        bound = _Bound(0, 0, 0)
+        bound = _Bound(OFFLINE_MODEL, 0, 0, 0)
     else:
         prompt_bound = prompt_token_bound((content for _, content in prompt), messages=len(prompt), tools=tools or ())
-        bound = _Bound(
-            prompt_bound,
-            max_tokens,
-            max_cost_microusd(model, prompt_token_bound=prompt_bound, max_completion_tokens=max_tokens),
-        )
+        bound = _Bound(model, prompt_bound, max_tokens, min(max_tokens, MIN_COMPLETION_TOKENS))
         usage = replace(usage, client_request_id=_client_request_id())
-    reservation_id = await _admit(
-        db, usage, estimate=bound.cost_microusd, burst_per_minute=burst_per_minute, burst_pass=burst_pass
-    )
+    reservation = await _admit(db, usage, bound=bound, burst_per_minute=burst_per_minute, burst_pass=burst_pass)
+    if reservation.amount_microusd < bound.cost_microusd:
+        # As in ``chat``: the budget's room lowers the reply's allowance down to the bound's floor.
+        bound = bound.within(reservation.amount_microusd)
+        _log(
+            usage,
+            "the budget's room lowered the reply allowance",
+            logging.INFO,
+            "completion-lowered",
+            max_completion_tokens=bound.completion_tokens,
+        )
     return ChatStream(
         db,
         usage,
-        reservation_id=reservation_id,
+        reservation_id=reservation.id,
         config=config,
         prompt=prompt,
         bound=bound,

@@ -157,7 +157,10 @@ class ChatStream:
         except provider.ProviderFailure as failure:
             self._failure = failure
             selection = keys.Selection(self._config, self._usage.key_source, self._usage.org_id)
-            await keys.note_failure(self._db, selection, failure, request_id=self._usage.request_id)
+            try:  # an organization's own key refused by its provider is marked broken, as for any call
+                await keys.note_failure(self._db, selection, failure, request_id=self._usage.request_id)
+            except Exception:  # the words already shown, and the metering in finish(), matter more
+                _log(self._usage, "could not note a model key failure", logging.ERROR, "model-key-note-failed")
 
     async def finish(self) -> StreamedChat:
         """Meter the call and settle its reservation (once), and say how the stream ended.

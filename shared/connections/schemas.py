@@ -17,8 +17,18 @@ DeliverKind = Literal["escalation", "draft", "lead"]
 ALL_DELIVER_KINDS: tuple[DeliverKind, ...] = ("escalation", "draft", "lead")
 
 Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+
+
+def _header_safe(value: SecretStr) -> SecretStr:
+    """Tokens and signing secrets travel in HTTP headers, which carry visible ASCII only; anything
+    else is refused here (a 422 that never repeats the value) rather than failing mid-request."""
+    if not all("!" <= ch <= "~" for ch in value.get_secret_value()):
+        raise ValueError("must be visible ASCII characters only, without spaces")
+    return value
+
+
 SecretUrl = Annotated[SecretStr, Field(min_length=10, max_length=2048)]
-Token = Annotated[SecretStr, Field(min_length=8, max_length=512)]
+Token = Annotated[SecretStr, Field(min_length=8, max_length=512), AfterValidator(_header_safe)]
 
 
 # GitHub: owner 1-39 characters of letters, digits and inner hyphens; repository names of letters,
@@ -79,7 +89,7 @@ class WebhookCreate(_CreateBase):
     kind: Literal["webhook"]
     url: SecretUrl
     # Standard Webhooks: "whsec_" + base64 of 24 to 64 random bytes; the customer keeps a copy to verify.
-    signing_secret: Annotated[SecretStr, Field(min_length=38, max_length=100)]
+    signing_secret: Annotated[SecretStr, Field(min_length=38, max_length=100), AfterValidator(_header_safe)]
 
 
 ConnectionCreate = Annotated[

@@ -1,7 +1,9 @@
-"""GET /api/cron/deliveries: the delivery outbox worker, run by Vercel Cron every minute.
+"""GET /api/cron/deliveries: the delivery outbox sweeper, run by Vercel Cron every minute.
 
-Only the scheduler may call it (CRON_SECRET bearer). Each run claims due deliveries with
-FOR UPDATE SKIP LOCKED, so overlapping runs cooperate; see shared/connections/delivery.py.
+Deliveries go out through their queue messages (functions/queues/deliveries.py). Only the scheduler
+may call this (CRON_SECRET bearer). Each run claims deliveries due for a while whose message was
+lost or never sent, and expired leases, with FOR UPDATE SKIP LOCKED, so overlapping runs and the
+queue's subscribers cooperate; see shared/connections/delivery.py.
 """
 
 from typing import Annotated

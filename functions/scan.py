@@ -10,15 +10,19 @@ from mangum import Mangum
 from shared.logs import REQUEST_ID
 from shared.scans import ScanCreate, ScanEnvironment, ScanOut, create_scan, get_scan, get_scan_environment
 from shared.web.app import create_app
-from shared.web.deps import CurrentClaims, Db
+from shared.web.deps import CurrentClaims, Db, Queue
 
 router = APIRouter()
 Environment = Annotated[ScanEnvironment, Depends(get_scan_environment)]
 
 
 @router.post("/api/scans", status_code=201)
-async def create(body: ScanCreate, request: Request, db: Db, claims: CurrentClaims, env: Environment) -> ScanOut:
-    return await create_scan(db, claims, body, env=env, request_id=getattr(request.state, REQUEST_ID, None))
+async def create(
+    body: ScanCreate, request: Request, db: Db, claims: CurrentClaims, env: Environment, queue: Queue
+) -> ScanOut:
+    return await create_scan(
+        db, claims, body, env=env, queue=queue, request_id=getattr(request.state, REQUEST_ID, None)
+    )
 
 
 @router.get("/api/scans/{scan_id}")

@@ -248,9 +248,7 @@ async def write_audit(
     )
 
 
-async def claim_checkout(
-    conn: Connection, org_id: uuid.UUID, *, attempt: int, plan: str, expires_at: datetime
-) -> None:
+async def claim_checkout(conn: Connection, org_id: uuid.UUID, *, attempt: int, plan: str, expires_at: datetime) -> None:
     """Make ``attempt`` the organization's current checkout, its session not created yet (run under
     the account's row lock)."""
     await conn.execute(_CLAIM_CHECKOUT, {"org_id": org_id, "attempt": attempt, "plan": plan, "expires_at": expires_at})

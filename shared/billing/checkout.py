@@ -164,9 +164,7 @@ async def _close(db: Database, org_id: uuid.UUID, session_id: str) -> None:
     """Make sure the previous session can no longer be paid, then forget it."""
     session = await stripe_client.retrieve_checkout_session(session_id)
     if session is not None and session.status == "complete":
-        raise CheckoutCompleted(
-            "The organization's last checkout was just paid; its subscription is being set up."
-        )
+        raise CheckoutCompleted("The organization's last checkout was just paid; its subscription is being set up.")
     if session is not None and session.status == "open":
         await stripe_client.expire_checkout_session(session_id)
     async with as_service(db) as conn:

@@ -34,10 +34,12 @@ from shared.connections.providers import PRODUCTION, HttpClient, ProviderEnviron
 from shared.connections.schemas import DeliveryJob, ReviewItem
 from shared.connections.service import open_credential, write_audit
 from shared.crypto import CredentialUnreadable, Sealed
-from shared.db.session import Database, as_service
+from shared.db.session import Database, as_service, run_as_service
 from shared.logs import DECISION_REASON, ORG_ID, log_event
+from shared.queues import DELIVERIES_TOPIC, message_id_field, whole_seconds
 
 ACTOR_WORKER: Final = "delivery-worker"
+MAX_ATTEMPTS: Final = 8
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -45,12 +47,15 @@ class WorkerSettings:
     batch_size: int = 20
     concurrency: int = 10  # sends in flight per worker
     lease_seconds: float = 120.0  # > the longest send (3 provider calls within the policy's timeouts)
-    max_attempts: int = 8
+    max_attempts: int = MAX_ATTEMPTS
     base_backoff_seconds: float = 30.0
     max_backoff_seconds: float = 3600.0
     # Stop claiming after this; the cron runs again next minute. Below Vercel's default function
     # duration, so the last batch usually finishes too (if not, its leases bring the rows back).
     time_budget_seconds: float = 8.0
+    # The cron sweeps: it takes only rows due for this long, whose queue message was lost or never
+    # sent; fresher ones belong to their message. Expired leases are taken at once either way.
+    stale_after_seconds: float = 30.0
 
 
 @dataclass(slots=True)
@@ -74,16 +79,30 @@ class RunReport:
         }
 
 
+# A delivery whose leases keep expiring kills whatever sends it (a poisoned row): once it has been
+# claimed max_attempts times it is dead, with the reason, instead of being claimed forever.
+_GIVE_UP_CRASHED = """
+update public.deliveries
+   set status = 'dead', lease_expires_at = null,
+       last_error = 'Gave up after ' || attempts
+                    || ' attempts: each one stopped its sender before an outcome was recorded.'
+ where status = 'in_progress' and lease_expires_at <= now() and attempts >= %(max_attempts)s
+   and (%(only)s::uuid is null or id = %(only)s)
+returning id, org_id, attempts
+"""
+
 # Claims due rows of active connections, oldest first, skipping rows other workers hold, and
-# returns each with what sending needs. One statement, committed before any send.
+# returns each with what sending needs. One statement, committed before any send. ``only``: the one
+# row a queue message names; ``stale``: the sweeper's grace for rows that still have a message.
 _CLAIM = """
 with candidates as (
   select d.id
     from public.deliveries as d
     join public.connections as c on c.id = d.connection_id
    where c.status = 'active'
+     and (%(only)s::uuid is null or d.id = %(only)s)
      and (
-           (d.status in ('pending', 'failed') and d.next_attempt_at <= now())
+           (d.status in ('pending', 'failed') and d.next_attempt_at <= now() - make_interval(secs => %(stale)s))
         or (d.status = 'in_progress' and d.lease_expires_at <= now())
      )
    order by d.next_attempt_at
@@ -179,9 +198,33 @@ def _job(row: dict[str, Any]) -> DeliveryJob:
     )
 
 
-async def claim(db: Database, *, limit: int, lease_seconds: float) -> list[DeliveryJob]:
+async def claim(
+    db: Database,
+    *,
+    limit: int,
+    lease_seconds: float,
+    max_attempts: int = MAX_ATTEMPTS,
+    only: uuid.UUID | None = None,
+    stale_after_seconds: float = 0.0,
+) -> list[DeliveryJob]:
+    params = {
+        "limit": limit,
+        "lease_seconds": lease_seconds,
+        "max_attempts": max_attempts,
+        "only": only,
+        "stale": stale_after_seconds,
+    }
     async with as_service(db) as conn:
-        rows = await (await conn.execute(_CLAIM, {"limit": limit, "lease_seconds": lease_seconds})).fetchall()
+        given_up = await (await conn.execute(_GIVE_UP_CRASHED, params)).fetchall()
+        rows = await (await conn.execute(_CLAIM, params)).fetchall()
+    for row in given_up:
+        log_event(
+            "delivery dead",
+            logging.WARNING,
+            **{ORG_ID: str(row["org_id"]), DECISION_REASON: "sender-crashed"},
+            delivery_id=str(row["id"]),
+            attempts=row["attempts"],
+        )
     return [_job(dict(row)) for row in rows]
 
 
@@ -207,15 +250,22 @@ class Worker:
                     await self.process(job, client)
 
             while time.monotonic() < deadline:
-                jobs = await claim(self.db, limit=settings.batch_size, lease_seconds=settings.lease_seconds)
+                jobs = await claim(
+                    self.db,
+                    limit=settings.batch_size,
+                    lease_seconds=settings.lease_seconds,
+                    max_attempts=settings.max_attempts,
+                    stale_after_seconds=settings.stale_after_seconds,
+                )
                 if not jobs:
                     break
                 self.report.claimed += len(jobs)
                 await asyncio.gather(*(bounded(job) for job in jobs))
         return self.report
 
-    async def process(self, job: DeliveryJob, client: HttpClient) -> None:
-        """Send one claimed delivery and record the outcome. Never raises for a provider's answer."""
+    async def process(self, job: DeliveryJob, client: HttpClient) -> float | None:
+        """Send one claimed delivery and record the outcome. Never raises for a provider's answer.
+        Returns the backoff in seconds when the delivery is to be tried again, else ``None``."""
         try:
             if job.key_id is None or job.nonce is None or job.ciphertext is None:
                 raise CredentialUnreadable("the connection has no stored credential")
@@ -232,35 +282,38 @@ class Worker:
             self.report.dead += 1
             self._log("delivery dead", job, "provider-refused", http_status=exc.status)
         except ProviderUnavailable as exc:
-            await self._retry(job, exc.message, exc.retry_after)
+            return await self._retry(job, exc.message, exc.retry_after)
         except CredentialUnreadable:
             # A configuration problem on our side (a key id no longer configured): keep retrying,
             # loudly, rather than lose the delivery.
             self._log("delivery credential unreadable", job, "credential-unreadable", level=logging.ERROR)
-            await self._retry(job, "The stored credential cannot be read; we are on it.", None)
+            return await self._retry(job, "The stored credential cannot be read; we are on it.", None)
         except Exception as exc:  # a bug must not lose the row: it retries like a transient failure
             self._log("delivery error", job, "internal-error", level=logging.ERROR, error_type=type(exc).__name__)
-            await self._retry(job, "An internal error interrupted this delivery; it will be retried.", None)
+            return await self._retry(job, "An internal error interrupted this delivery; it will be retried.", None)
         else:
             await self._finish(_DELIVERED, job, external_ref=sent.external_ref)
             self.report.delivered += 1
             self.report.found_existing += int(sent.found_existing)
+        return None
 
     async def _finish(self, sql: str, job: DeliveryJob, **values: Any) -> bool:
         async with as_service(self.db) as conn:
             cursor = await conn.execute(sql, {"id": job.id, "attempts": job.attempts, **values})
-            return cursor.rowcount == 1
+        return cursor.rowcount == 1  # known once the pipelined transaction has synced
 
-    async def _retry(self, job: DeliveryJob, message: str, retry_after: float | None) -> None:
+    async def _retry(self, job: DeliveryJob, message: str, retry_after: float | None) -> float | None:
         if job.attempts >= self.settings.max_attempts:
             await self._finish(_DEAD, job, error=f"Gave up after {job.attempts} attempts. Last error: {message}")
             self.report.dead += 1
             self._log("delivery dead", job, "attempts-exhausted")
-            return
-        delay = backoff_seconds(job.attempts, job.idempotency_key, self.settings, retry_after)
-        await self._finish(_RETRY, job, delay=delay, error=message)
+            return None
+        # Whole seconds: the queue's delay counts in seconds, and the row must be due when it fires.
+        delay = float(whole_seconds(backoff_seconds(job.attempts, job.idempotency_key, self.settings, retry_after)))
+        recorded = await self._finish(_RETRY, job, delay=delay, error=message)
         self.report.retried += 1
-        self._log("delivery retry", job, "provider-unavailable", delay_seconds=round(delay, 1))
+        self._log("delivery retry", job, "provider-unavailable", delay_seconds=delay)
+        return delay if recorded else None
 
     async def _break(self, job: DeliveryJob, exc: CredentialRejected) -> None:
         async with as_service(self.db) as conn:
@@ -302,3 +355,67 @@ async def run_deliveries(
 ) -> RunReport:
     """One worker run (the cron entry point): claim and send until the outbox is empty or time is up."""
     return await Worker(db, env=env, settings=settings).run()
+
+
+# -- the queue's way in: one message per delivery ---------------------------------------------------
+
+_WHY_NOT_CLAIMED = """
+select d.status, c.status as connection_status,
+       greatest(0, extract(epoch from d.next_attempt_at - now()))::float8 as due_in,
+       greatest(0, extract(epoch from coalesce(d.lease_expires_at, now()) - now()))::float8 as lease_in
+  from public.deliveries as d
+  join public.connections as c on c.id = d.connection_id
+ where d.id = %(id)s
+"""
+
+
+async def deliver_one(
+    db: Database,
+    delivery_id: uuid.UUID,
+    *,
+    env: ProviderEnvironment = PRODUCTION,
+    settings: WorkerSettings | None = None,
+) -> float | None:
+    """Claim exactly this delivery and send it (a queue message's work).
+
+    Returns the seconds after which the message should come back: the backoff after a transient
+    failure (the only retry schedule: the queue's delay carries it, the row's ``next_attempt_at``
+    records it), a row not due yet, or a row held by a live lease (its holder may have died; the
+    message comes back when the lease has expired). ``None``: nothing more for this message to do
+    (delivered, dead, parked on a broken connection, or no such row), so it is acknowledged.
+    """
+    settings = settings or WorkerSettings()
+    jobs = await claim(
+        db, limit=1, lease_seconds=settings.lease_seconds, max_attempts=settings.max_attempts, only=delivery_id
+    )
+    if not jobs:
+        return await _come_back_in(db, delivery_id)
+    worker = Worker(db, env=env, settings=settings)
+    async with env.client() as client:
+        return await worker.process(jobs[0], client)
+
+
+async def _come_back_in(db: Database, delivery_id: uuid.UUID) -> float | None:
+    rows = await run_as_service(db, _WHY_NOT_CLAIMED, {"id": delivery_id})
+    if not rows or rows[0]["connection_status"] != "active":
+        return None  # gone, or parked until a re-verification (then the sweeper sends it)
+    row = rows[0]
+    if row["status"] in ("pending", "failed"):
+        return float(whole_seconds(row["due_in"])) or 1.0
+    if row["status"] == "in_progress":
+        return float(whole_seconds(row["lease_in"])) or 1.0
+    return None  # delivered or dead
+
+
+async def on_message(
+    db: Database,
+    payload: object,
+    *,
+    env: ProviderEnvironment = PRODUCTION,
+    settings: WorkerSettings | None = None,
+) -> float | None:
+    """A ``deliveries`` message (``{"delivery_id": …}``): what ``deliver_one`` does, for the id it names."""
+    delivery_id = message_id_field(payload, "delivery_id", topic=DELIVERIES_TOPIC)
+    if delivery_id is None:
+        return None
+    return await deliver_one(db, delivery_id, env=env, settings=settings)

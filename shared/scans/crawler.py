@@ -9,7 +9,10 @@
 * **robots.txt** (RFC 9309) per origin, for the ``HiredHandsBot`` token: 4xx means no rules; 5xx,
   a network failure or a refused destination means "assume complete disallow"; ``Crawl-delay``
   raises the politeness delay up to a cap.
-* **Politeness**: one request at a time per host, ``politeness_seconds`` apart.
+* **Politeness**: one request at a time per host, ``politeness_seconds`` apart, across every
+  invocation and scan (``shared.scans.politeness``: a per-host lease in Redis).
+* **robots.txt is read once per origin per scan**: a scan advances in many short steps, so the
+  rules (a 2xx body, or a 4xx's "no rules") are kept in Redis under the scan's id for its lifetime.
 * **Redirects are followed here, not by the client**, so that every hop is judged as a page: it must
   stay on the site, not be disallowed, not loop, not be a page already found, and no more than the
   policy's ``max_redirects`` hops. Each hop still goes through the guard, which vets the address it
@@ -22,15 +25,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import re
-import time
 import urllib.robotparser
 from dataclasses import dataclass, field
 from typing import Final
+from urllib.parse import urlsplit
 
 import httpx
+from upstash_redis.asyncio import Redis
 
 from shared.egress import EgressDenied, EgressReason, check_url, guarded_client
+from shared.scans.politeness import HostTurns
 from shared.scans.schemas import Failure, ScanEnvironment, Skip
 from shared.scans.urls import has_binary_extension, normalise, origin_of, site_of
 
@@ -40,6 +47,15 @@ _HTML_TYPES: Final = frozenset({"text/html", "application/xhtml+xml"})
 _TEXT_TYPES: Final = frozenset({"text/plain"})
 _ACCEPT: Final = "text/html,application/xhtml+xml;q=0.9,text/plain;q=0.8,*/*;q=0.1"
 _LOOKS_LIKE_HTML: Final = re.compile(rb"^\s*(?:<!doctype\s+html|<html|<head|<body)", re.IGNORECASE)
+_DEFAULT_PORTS: Final = {"http": 80, "https": 443}
+ROBOTS_CACHE_PREFIX: Final = "scan-robots:"
+ROBOTS_CACHE_SECONDS: Final = 24 * 3600  # RFC 9309 2.4: cached rules may be used for up to 24 hours
+
+
+def host_key(url: str) -> str:
+    """The server a request goes to (host and port): what politeness is counted against."""
+    parts = urlsplit(url)
+    return f"{(parts.hostname or '').removesuffix('.')}:{parts.port or _DEFAULT_PORTS.get(parts.scheme, 0)}"
 
 
 def _egress_skip(reason: EgressReason) -> str:
@@ -108,13 +124,24 @@ class _Robots:
 class Crawler:
     """Fetches pages of one site. Create inside ``async with``: it owns a guarded client."""
 
-    def __init__(self, env: ScanEnvironment, *, start_url: str, agent_token: str) -> None:
+    def __init__(
+        self,
+        env: ScanEnvironment,
+        *,
+        start_url: str,
+        agent_token: str,
+        redis: Redis | None = None,
+        cache_scope: str | None = None,
+    ) -> None:
         self.env = env
         self.site = site_of(start_url)
         self.agent_token = agent_token
         self._robots: dict[str, _Robots] = {}
-        self._next_request_at: dict[str, float] = {}
         self._delay: dict[str, float] = {}
+        # A worker killed mid-request holds the host until its page time is up, and a little more.
+        self.turns = HostTurns(redis, hold_seconds=env.page_timeout_seconds + 5.0)
+        self._redis = redis
+        self._cache_scope = cache_scope  # the scan's id: robots.txt rules kept for the scan's next steps
         self._client: httpx.AsyncClient | None = None  # noqa: TID251 - built by guarded_client
         self.requests = 0  # every request sent, robots.txt and redirect hops included
         self.page_requests = 0  # requests for pages (redirect hops included), robots.txt not
@@ -146,18 +173,6 @@ class Crawler:
     def same_site(self, url: str) -> bool:
         return site_of(url) == self.site
 
-    # -- politeness -------------------------------------------------------------------------------
-
-    async def _wait_turn(self, url: str) -> None:
-        host = site_of(url)[0]
-        wait = self._next_request_at.get(host, 0.0) - time.monotonic()
-        if wait > 0:
-            await asyncio.sleep(wait)
-
-    def _done(self, url: str) -> None:
-        host = site_of(url)[0]
-        self._next_request_at[host] = time.monotonic() + self.delay(url)
-
     # -- robots.txt -------------------------------------------------------------------------------
 
     async def robots_allow(self, url: str) -> str | None:
@@ -175,16 +190,25 @@ class Crawler:
         return None if rules.allows(self.agent_token, url) else Skip.ROBOTS
 
     async def _load_robots(self, origin: str) -> _Robots:
+        cached = await self._cached_robots(origin)
+        if cached is not None:
+            return _Robots(_parse_robots(cached))
+        rules, text = await self._fetch_robots(origin)
+        if text is not None:
+            await self._cache_robots(origin, text)
+        return rules
+
+    async def _fetch_robots(self, origin: str) -> tuple[_Robots, str | None]:
+        """The rules, and their text when they may be kept (a 2xx body; "" for a 4xx's no rules)."""
         url = origin + "/robots.txt"
-        await self._wait_turn(url)
         try:
-            async with asyncio.timeout(self.env.page_timeout_seconds):
+            async with self.turns.turn(host_key(url), self.delay(url)), asyncio.timeout(self.env.page_timeout_seconds):
                 self.requests += 1
                 async with self.client.stream("GET", url, headers={"Accept": "text/plain"}) as response:
                     if 400 <= response.status_code < 500:
-                        return _Robots(_parse_robots(""))  # "unavailable": no rules (RFC 9309 2.3.1.3)
+                        return _Robots(_parse_robots("")), ""  # "unavailable": no rules (RFC 9309 2.3.1.3)
                     if response.status_code >= 300:
-                        return _Robots(None)  # 5xx, or a redirect past the limit: assume complete disallow
+                        return _Robots(None), None  # 5xx, or a redirect past the limit: assume complete disallow
                     body = bytearray()
                     async for chunk in response.aiter_bytes():
                         body.extend(chunk)
@@ -193,12 +217,31 @@ class Crawler:
         except EgressDenied as denied:
             # The origin itself is refused (e.g. a same-site name that resolves into a private range):
             # recorded as what the guard said, for every page of that origin.
-            return _Robots(None, _egress_skip(denied.reason))
+            return _Robots(None, _egress_skip(denied.reason)), None
         except (httpx.HTTPError, TimeoutError):
-            return _Robots(None)  # unreachable: complete disallow (RFC 9309 2.3.1.4)
-        finally:
-            self._done(url)
-        return _Robots(_parse_robots(bytes(body[: self.env.robots_max_bytes]).decode("utf-8", "replace")))
+            return _Robots(None), None  # unreachable: complete disallow (RFC 9309 2.3.1.4)
+        text = bytes(body[: self.env.robots_max_bytes]).decode("utf-8", "replace")
+        return _Robots(_parse_robots(text)), text
+
+    def _robots_key(self, origin: str) -> str | None:
+        return None if self._cache_scope is None else f"{ROBOTS_CACHE_PREFIX}{self._cache_scope}:{origin}"
+
+    async def _cached_robots(self, origin: str) -> str | None:
+        key = self._robots_key(origin)
+        if key is None or self._redis is None:
+            return None
+        try:
+            raw = await self._redis.get(key)
+        except Exception:  # a cache: without it the rules are fetched again
+            return None
+        return str(json.loads(raw)["text"]) if raw else None
+
+    async def _cache_robots(self, origin: str, text: str) -> None:
+        key = self._robots_key(origin)
+        if key is None or self._redis is None:
+            return
+        with contextlib.suppress(Exception):  # a cache: without it the next step fetches the rules again
+            await self._redis.set(key, json.dumps({"text": text}), ex=ROBOTS_CACHE_SECONDS)
 
     # -- pages ------------------------------------------------------------------------------------
 
@@ -249,9 +292,8 @@ class Crawler:
 
     async def _get(self, url: str) -> Page | Skipped | Failed | str:
         """One request. A ``str`` is a redirect's Location."""
-        await self._wait_turn(url)
         try:
-            async with asyncio.timeout(self.env.page_timeout_seconds):
+            async with self.turns.turn(host_key(url), self.delay(url)), asyncio.timeout(self.env.page_timeout_seconds):
                 self.requests += 1
                 self.page_requests += 1
                 request = self.client.build_request("GET", url)
@@ -270,8 +312,6 @@ class Crawler:
             return Failed(Failure.TIMEOUT)
         except httpx.HTTPError:
             return Failed(Failure.CONNECTION_ERROR)
-        finally:
-            self._done(url)
 
     async def _read(self, url: str, response: httpx.Response) -> Page | Skipped | Failed | str:
         status = response.status_code

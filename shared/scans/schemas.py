@@ -10,6 +10,7 @@ from typing import Annotated, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from shared.cards import Identifier
 from shared.egress import SCAN_POLICY, EgressPolicy, Resolver
 
 ScanStatus = Literal["queued", "running", "completed", "failed", "budget_exhausted", "cancelled"]
@@ -70,7 +71,7 @@ class ScanCreate(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     agent_id: uuid.UUID
-    start_url: Annotated[str, Field(min_length=8, max_length=2048)]
+    start_url: Annotated[str, Field(min_length=8, max_length=2048), Identifier("a URL")]
     # Capped by the plan (organization_limits.max_scan_pages); omitted means the plan's maximum.
     page_limit: Annotated[int, Field(ge=1, le=MAX_PAGE_LIMIT)] | None = None
     max_depth: Annotated[int, Field(ge=0, le=20)] = DEFAULT_MAX_DEPTH
@@ -114,6 +115,11 @@ class ScanEnvironment:
     # Per invocation: no new page is started after this. Vercel must allow the function
     # time_budget + page_timeout + a flush (maxDuration 60 s or more).
     time_budget_seconds: float = 30.0
+    # One queue step: pages for this long, then one flush, the release, and the next step's message.
+    step_seconds: float = 5.0
+    # The cron sweeper takes a queued or paused scan only after it has been left alone this long (its
+    # step message was lost); fresher ones belong to their message. Expired leases are taken at once.
+    stale_after_seconds: float = 60.0
     # Renewed at every flush; must exceed the longest gap between flushes (a page, an embedding call).
     lease_seconds: float = 90.0
     concurrency: int = 3  # scans worked on at once by one invocation (different sites)

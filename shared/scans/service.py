@@ -21,10 +21,12 @@ import uuid
 from typing import Any, Final
 
 from shared.auth import Claims
-from shared.db.session import Database, as_service, as_user, jsonb
+from shared.db.session import Database, as_service, as_user, jsonb, run_as_service
 from shared.egress import check_url
 from shared.errors import Conflict, Forbidden, NotFound, Unprocessable
 from shared.logs import DECISION_REASON, ORG_ID, REQUEST_ID, log_event
+from shared.queues import PRODUCTION as QUEUE
+from shared.queues import SCAN_STEPS_TOPIC, QueueEnvironment, publish
 from shared.ratelimit import RateLimitRule, enforce
 from shared.scans.crawler import normalise
 from shared.scans.schemas import ScanCreate, ScanEnvironment, ScanOut
@@ -69,12 +71,20 @@ returning *
 
 _SCAN_FOR_USER: Final = "select * from public.scans where id = %(id)s"
 
+# ``only``/``step``: the one scan and step a queue message names (a step already taken is not claimed
+# again). ``stale``: the sweeper's grace, so it leaves scans that still have a message to the queue;
+# an expired lease (a dead worker) is taken at once either way.
 _CLAIM: Final = """
 with candidate as (
   select s.id
     from public.scans as s
-   where s.status = 'queued'
-      or (s.status = 'running' and (s.lease_expires_at is null or s.lease_expires_at <= now()))
+   where (%(only)s::uuid is null or (s.id = %(only)s and s.step = %(step)s))
+     and (
+           (s.status = 'queued' and s.updated_at <= now() - make_interval(secs => %(stale)s))
+        or (s.status = 'running' and s.lease_owner is null
+            and s.updated_at <= now() - make_interval(secs => %(stale)s))
+        or (s.status = 'running' and s.lease_owner is not null and s.lease_expires_at <= now())
+     )
    order by s.created_at
    limit 1
    for update skip locked
@@ -107,7 +117,13 @@ SCAN_REQUESTS = RateLimitRule("scan-requests", limit=10, window_seconds=60)
 
 
 async def create_scan(
-    db: Database, claims: Claims, body: ScanCreate, *, env: ScanEnvironment, request_id: str | None
+    db: Database,
+    claims: Claims,
+    body: ScanCreate,
+    *,
+    env: ScanEnvironment,
+    queue: QueueEnvironment = QUEUE,
+    request_id: str | None,
 ) -> ScanOut:
     async with as_user(db, claims) as conn:
         agent = await (await conn.execute(_AGENT_FOR_USER, {"agent_id": body.agent_id})).fetchone()
@@ -149,6 +165,7 @@ async def create_scan(
         ).fetchone()
     assert row is not None  # noqa: S101 - insert ... returning always returns the row
     _log("scan queued", org_id=org_id, request_id=request_id, reason="scan-queued", scan_id=str(row["id"]))
+    await announce_step(queue, row["id"], row["step"])
     return ScanOut.model_validate(dict(row))
 
 
@@ -161,8 +178,51 @@ async def get_scan(db: Database, claims: Claims, scan_id: uuid.UUID) -> ScanOut:
     return ScanOut.model_validate(dict(row))
 
 
-async def claim_scan(db: Database, *, owner: str, lease_seconds: float) -> dict[str, Any] | None:
-    """Take the oldest scan that is queued or whose lease expired; committed before any fetch."""
+async def claim_scan(
+    db: Database,
+    *,
+    owner: str,
+    lease_seconds: float,
+    only: uuid.UUID | None = None,
+    step: int = 0,
+    stale_after_seconds: float = 0.0,
+) -> dict[str, Any] | None:
+    """Take the oldest scan that is queued or whose lease expired (or exactly ``only`` at ``step``);
+    committed before any fetch."""
+    params = {
+        "owner": owner,
+        "lease_seconds": lease_seconds,
+        "only": only,
+        "step": step,
+        "stale": stale_after_seconds,
+    }
     async with as_service(db) as conn:
-        row = await (await conn.execute(_CLAIM, {"owner": owner, "lease_seconds": lease_seconds})).fetchone()
+        row = await (await conn.execute(_CLAIM, params)).fetchone()
     return dict(row) if row is not None else None
+
+
+_WHY_NOT_CLAIMED: Final = """
+select status, step, lease_owner is not null as leased,
+       greatest(0, extract(epoch from coalesce(lease_expires_at, now()) - now()))::float8 as lease_in
+  from public.scans
+ where id = %(id)s
+"""
+
+
+async def step_come_back_in(db: Database, scan_id: uuid.UUID, step: int) -> float | None:
+    """For a step message that claimed nothing: seconds until the step's lease expires when the step
+    is held (its holder may have died), else ``None`` (taken already, finished, or no such scan)."""
+    rows = await run_as_service(db, _WHY_NOT_CLAIMED, {"id": scan_id})
+    if not rows:
+        return None
+    row = rows[0]
+    if row["status"] != "running" or row["step"] != step or not row["leased"]:
+        return None
+    return max(1.0, float(row["lease_in"]))
+
+
+async def announce_step(queue: QueueEnvironment, scan_id: uuid.UUID, step: int) -> bool:
+    """After the scan's state committed: the message that asks for its next step."""
+    return await publish(
+        queue, SCAN_STEPS_TOPIC, {"scan_id": str(scan_id), "step": step}, idempotency_key=f"scan-{scan_id}-{step}"
+    )

@@ -123,15 +123,16 @@ update public.scans
 returning id
 """  # noqa: S608 - _FENCE is a constant
 
-# Back to the queue at once (lease_owner null: not a crash), for the next invocation to resume.
+# Back to the queue at once (lease_owner null: not a crash), for the next step to resume; the step
+# taken is counted, so the message for it is spent and only the next step's message can claim.
 _RELEASE: Final = f"""
 update public.scans
    set frontier = %(frontier)s, visited = %(visited)s, pages_found = %(pages_found)s,
        pages_fetched = %(pages_fetched)s, pages_skipped = %(pages_skipped)s, pages_failed = %(pages_failed)s,
        pages_visited = %(pages_visited)s, skip_reasons = %(skip_reasons)s,
-       lease_owner = null, lease_expires_at = null
+       lease_owner = null, lease_expires_at = null, step = step + 1
  {_FENCE}
-returning id
+returning id, step
 """  # noqa: S608 - _FENCE is a constant
 
 _STAGE: Final = f"""
@@ -229,10 +230,11 @@ async def save(db: Database, state: ScanState, chunks: list[StagedChunk], *, lea
         await _stage(conn, state, chunks)
 
 
-async def release(db: Database, state: ScanState) -> None:
-    """Out of time: back to the queue with everything needed to resume."""
+async def release(db: Database, state: ScanState) -> int:
+    """Out of time: back to the queue with everything needed to resume. Returns the next step."""
     async with as_service(db) as conn:
-        await _fenced(conn, _RELEASE, {"id": state.id, "owner": state.owner, **state.progress()})
+        row = await _fenced(conn, _RELEASE, {"id": state.id, "owner": state.owner, **state.progress()})
+    return int(row["step"])
 
 
 async def finish(

@@ -26,20 +26,26 @@ import hashlib
 import logging
 import secrets
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
+
+from upstash_redis.asyncio import Redis
 
 from shared.db.session import Database
 from shared.errors import BudgetExhausted, ModelUnavailable, RateLimited
 from shared.gateway import embed
 from shared.logs import DECISION_REASON, ORG_ID, REQUEST_ID, log_event
+from shared.queues import PRODUCTION as QUEUE
+from shared.queues import SCAN_STEPS_TOPIC, QueueEnvironment, message_id_field
+from shared.redis import get_redis
 from shared.scans import store
 from shared.scans.chunking import chunk_text
 from shared.scans.crawler import Crawler, Failed, Outcome, Page, Skipped, has_binary_extension, normalise
 from shared.scans.extract import Extracted, extract_html, extract_plain
 from shared.scans.schemas import PRODUCTION, USER_AGENT_TOKEN, ScanEnvironment, Skip, StatusReason
-from shared.scans.service import claim_scan, worker_identity
+from shared.scans.service import announce_step, claim_scan, step_come_back_in, worker_identity
 from shared.scans.store import LeaseLost, ScanState, StagedChunk
 
 EMBED_SLICE: Final = 512  # texts per embedding call (the API takes up to 2,048)
@@ -103,38 +109,89 @@ def embedding_input(title: str | None, content: str) -> str:
     return f"{title}\n\n{content}" if title else content
 
 
-async def run_scans(db: Database, *, env: ScanEnvironment = PRODUCTION, request_id: str | None = None) -> RunReport:
-    """One worker invocation: claim and work until the time budget is spent or the queue is empty."""
+async def run_scans(
+    db: Database,
+    *,
+    env: ScanEnvironment = PRODUCTION,
+    queue: QueueEnvironment = QUEUE,
+    request_id: str | None = None,
+) -> RunReport:
+    """The cron sweeper: claim scans nobody has touched for a while (their step message was lost) or
+    whose worker died, and work on them until the time budget is spent; a scan still unfinished then
+    goes back to the queue with a message for its next step."""
     deadline = time.monotonic() + env.time_budget_seconds
     report = RunReport()
     request_id = request_id or "req_" + secrets.token_hex(12)
 
     async def lane() -> None:
         while time.monotonic() < deadline:
-            row = await claim_scan(db, owner=worker_identity(env), lease_seconds=env.lease_seconds)
+            row = await claim_scan(
+                db,
+                owner=worker_identity(env),
+                lease_seconds=env.lease_seconds,
+                stale_after_seconds=env.stale_after_seconds,
+            )
             if row is None:
                 return
             report.claimed += 1
-            state = ScanState.from_row(row)
-            try:
-                await _ScanRun(db, env, state, deadline=deadline, report=report, request_id=request_id).run()
-            except LeaseLost:
-                report.lost_leases += 1
-                _log(state, request_id, "scan lease lost: another worker holds it now", "lease-lost", logging.WARNING)
-            except Exception as exc:
-                # The lease stays held until it expires; the next claim counts a crash (max_crashes).
-                report.errors += 1
-                _log(
-                    state,
-                    request_id,
-                    "scan stopped by an error",
-                    "scan-error",
-                    logging.ERROR,
-                    error_type=type(exc).__name__,
-                )
+            run = _ScanRun(db, env, ScanState.from_row(row), deadline=deadline, report=report, request_id=request_id)
+            await _guarded(run, queue)
 
     await asyncio.gather(*(lane() for _ in range(max(1, env.concurrency))))
     return report
+
+
+async def run_step(
+    db: Database,
+    scan_id: uuid.UUID,
+    step: int,
+    *,
+    env: ScanEnvironment = PRODUCTION,
+    queue: QueueEnvironment = QUEUE,
+    request_id: str | None = None,
+) -> tuple[RunReport, float | None]:
+    """One queue step of one scan: claim exactly that step, fetch pages for ``step_seconds``, flush
+    once, release, and send the message for the next step (none once the scan has ended).
+
+    Returns the report and, when the step is held by a live lease (its holder may have died), the
+    seconds after which the message should come back; ``None`` acknowledges the message.
+    """
+    report = RunReport()
+    request_id = request_id or "req_" + secrets.token_hex(12)
+    row = await claim_scan(db, owner=worker_identity(env), lease_seconds=env.lease_seconds, only=scan_id, step=step)
+    if row is None:
+        return report, await step_come_back_in(db, scan_id, step)
+    report.claimed += 1
+    deadline = time.monotonic() + env.step_seconds
+    run = _ScanRun(
+        db, env, ScanState.from_row(row), deadline=deadline, report=report, request_id=request_id, one_batch=True
+    )
+    await _guarded(run, queue)
+    return report, None
+
+
+async def _guarded(run: _ScanRun, queue: QueueEnvironment) -> None:
+    state, report, request_id = run.state, run.report, run.request_id
+    try:
+        next_step = await run.run()
+    except LeaseLost:
+        report.lost_leases += 1
+        _log(state, request_id, "scan lease lost: another worker holds it now", "lease-lost", logging.WARNING)
+    except Exception as exc:
+        # The lease stays held until it expires; the next claim counts a crash (max_crashes).
+        report.errors += 1
+        _log(state, request_id, "scan stopped by an error", "scan-error", logging.ERROR, error_type=type(exc).__name__)
+    else:
+        if next_step is not None:
+            await announce_step(queue, state.id, next_step)
+
+
+def _shared_redis() -> Redis | None:
+    """Redis for host turns and robots.txt rules across invocations; ``None`` when not configured."""
+    try:
+        return get_redis()
+    except Exception:  # no client can be built: pace in memory (politeness.HostTurns explains)
+        return None
 
 
 def _log(
@@ -162,6 +219,7 @@ class _ScanRun:
         deadline: float,
         report: RunReport,
         request_id: str,
+        one_batch: bool = False,
     ) -> None:
         self.db = db
         self.env = env
@@ -169,23 +227,35 @@ class _ScanRun:
         self.deadline = deadline
         self.report = report
         self.request_id = request_id
+        # A queue step: one batch, flushed when the step's time is up (not on the batch timer).
+        self.one_batch = one_batch
         self.batch = _Batch()
         self.title: str | None = None
         self.budget_exhausted = False
         self.next: tuple[tuple[str, int], asyncio.Task[tuple[Outcome, bool]]] | None = None
+        self.next_step: int | None = None  # set when the scan was released unfinished
 
-    async def run(self) -> None:
+    async def run(self) -> int | None:
+        """Work until the deadline or the end; the next step's number when released unfinished."""
         state = self.state
         if state.crash_count > self.env.max_crashes:
             await self._finish("failed", StatusReason.WORKER_CRASHED, "The scan stopped its worker too many times.")
-            return
+            return None
         await store.load_page_hashes(self.db, state)
-        async with Crawler(self.env, start_url=state.start_url, agent_token=USER_AGENT_TOKEN) as crawler:
+        crawler = Crawler(
+            self.env,
+            start_url=state.start_url,
+            agent_token=USER_AGENT_TOKEN,
+            redis=_shared_redis(),
+            cache_scope=str(state.id),
+        )
+        async with crawler:
             try:
                 await self._crawl(crawler)
             finally:
                 if self.next is not None:  # an error while a fetch was in flight
                     self.next[1].cancel()
+        return self.next_step
 
     async def _crawl(self, crawler: Crawler) -> None:
         """Fetch page N+1 while page N is extracted (in a thread): one request in flight at a time,
@@ -208,7 +278,7 @@ class _ScanRun:
                 if time.monotonic() >= self.deadline:
                     await self._flush()
                     if not self.budget_exhausted:
-                        await store.release(self.db, state)
+                        self.next_step = await store.release(self.db, state)
                         self.report.released += 1
                         _log(state, self.request_id, "scan paused: time budget spent", "time-budget")
                     return
@@ -228,7 +298,7 @@ class _ScanRun:
             if (
                 self.batch.visits >= self.env.flush_pages
                 or self.batch.chunks >= self.env.flush_chunks
-                or time.monotonic() - self.batch.started >= self.env.flush_seconds
+                or (not self.one_batch and time.monotonic() - self.batch.started >= self.env.flush_seconds)
             ):
                 await self._flush()
                 if self.budget_exhausted:
@@ -387,3 +457,20 @@ class _ScanRun:
         counter = {"completed": "completed", "failed": "failed", "budget_exhausted": "budget_exhausted"}[status]
         setattr(self.report, counter, getattr(self.report, counter) + 1)
         _log(self.state, self.request_id, f"scan {status}", reason)
+
+
+async def on_message(
+    db: Database,
+    payload: object,
+    *,
+    env: ScanEnvironment = PRODUCTION,
+    queue: QueueEnvironment = QUEUE,
+) -> float | None:
+    """A ``scan-steps`` message (``{"scan_id": …, "step": n}``): ``run_step`` for the step it names.
+    Returns the seconds after which the message should come back, or ``None`` to acknowledge it."""
+    scan_id = message_id_field(payload, "scan_id", topic=SCAN_STEPS_TOPIC)
+    step = payload.get("step") if isinstance(payload, dict) else None
+    if scan_id is None or not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        return None
+    _, come_back_in = await run_step(db, scan_id, step, env=env, queue=queue)
+    return come_back_in

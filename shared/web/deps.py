@@ -11,6 +11,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from shared.auth import Claims, verify_access_token
 from shared.db.session import Connection, Database, as_service, as_user, get_database
 from shared.errors import Unauthorized
+from shared.queues import QueueEnvironment, get_queue_environment
 
 _bearer = HTTPBearer(auto_error=False)
 
@@ -23,6 +24,8 @@ async def _claims(credentials: Annotated[HTTPAuthorizationCredentials | None, De
 
 CurrentClaims = Annotated[Claims, Depends(_claims)]
 Db = Annotated[Database, Depends(get_database)]
+# Where background work is announced (Vercel Queues); tests override it with the SDK's embedded service.
+Queue = Annotated[QueueEnvironment, Depends(get_queue_environment)]
 
 
 async def _user_db(db: Db, claims: CurrentClaims) -> AsyncIterator[Connection]:

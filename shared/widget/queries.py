@@ -127,16 +127,17 @@ with conversation as (
 ),
 stored as (
   insert into public.messages (org_id, conversation_id, role, content, created_at,
-                               model, prompt_tokens, completion_tokens, latency_ms, usage_event_id)
+                               model, prompt_tokens, completion_tokens, latency_ms, usage_event_id, partial)
   select v.org_id, v.id, m.role, m.content, m.created_at,
          m.model, m.prompt_tokens, m.completion_tokens,
          (select u.latency_ms from public.usage_events as u where u.id = m.usage_event_id and u.org_id = v.org_id),
-         m.usage_event_id
+         m.usage_event_id, m.partial
     from conversation as v,
          rows from (jsonb_to_recordset(%(messages)s) as (role text, content text, created_at timestamptz,
-                    model text, prompt_tokens integer, completion_tokens integer, usage_event_id bigint))
+                    model text, prompt_tokens integer, completion_tokens integer, usage_event_id bigint,
+                    partial boolean))
            with ordinality as m(role, content, created_at, model, prompt_tokens, completion_tokens,
-                                usage_event_id, n)
+                                usage_event_id, partial, n)
    order by m.n
   returning id
 ),
@@ -157,7 +158,8 @@ items as (
    order by i.n
   returning id
 )
-select (select count(*) from stored)::int as messages, (select count(*) from items)::int as items,
+select (select count(*) from stored)::int as messages,
+       (select coalesce(array_agg(id), '{}') from items) as item_ids,
        (select v.token_generation from conversation as v) as token_generation
 """
 
@@ -172,14 +174,20 @@ class NewMessage:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     usage_event_id: int | None = None
+    partial: bool = False
+    """A streamed reply that stopped before the model finished it (the visitor left, or the model failed)."""
 
 
 @dataclass(frozen=True, slots=True)
 class StoredTurn:
     messages: int
-    items: int
+    item_ids: list[UUID]  # review items created (their deliveries are announced once committed)
     token_generation: int | None
     """The generation the next visitor token names (None when nothing was stored)."""
+
+    @property
+    def items(self) -> int:
+        return len(self.item_ids)
 
 
 async def widget_config(db: Database, *, key_hash: bytes) -> ConfigRow | None:
@@ -242,6 +250,7 @@ async def store_turn(
                     "prompt_tokens": m.prompt_tokens,
                     "completion_tokens": m.completion_tokens,
                     "usage_event_id": m.usage_event_id,
+                    "partial": m.partial,
                 }
                 for m in messages
             ]
@@ -252,4 +261,6 @@ async def store_turn(
     if not rows:  # pragma: no cover - the final select always returns one row
         raise RuntimeError("the turn was not stored")
     row = rows[0]
-    return StoredTurn(messages=row["messages"], items=row["items"], token_generation=row["token_generation"])
+    return StoredTurn(
+        messages=row["messages"], item_ids=list(row["item_ids"]), token_generation=row["token_generation"]
+    )

@@ -9,6 +9,7 @@ and an egress policy with the exact exception ``127.0.0.1:<port>`` (docs/egress.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import random
 import socket
@@ -39,6 +40,7 @@ class Reply:
     content_type: str | None = HTML
     headers: dict[str, str] = field(default_factory=dict)
     stream_bytes: int = 0  # > 0: a chunked body of this many bytes instead of ``body``
+    delay_seconds: float = 0.0  # the server takes this long to answer (requests then overlap if sent so)
 
 
 @dataclass
@@ -62,6 +64,8 @@ class FakeSite:
         self.hits: Counter[str] = Counter()
         self.user_agents: set[str] = set()
         self.times: list[tuple[float, str]] = []
+        self.in_flight = 0
+        self.max_in_flight = 0  # the most requests this site was ever answering at once
         self.port = 0
         self._lock = threading.Lock()
         self._server: uvicorn.Server | None = None
@@ -94,6 +98,7 @@ class FakeSite:
         with self._lock:
             self.hits.clear()
             self.times.clear()
+            self.max_in_flight = 0
 
     def page_hits(self) -> Counter[str]:
         """Requests per path, robots.txt left out."""
@@ -111,7 +116,18 @@ class FakeSite:
             self.hits[target] += 1
             self.times.append((time.monotonic(), target))
             self.user_agents.add(request.headers.get("user-agent", ""))
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            await self._answer(target, request, scope, receive, send)
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+
+    async def _answer(self, target: str, request: Request, scope: Scope, receive: Receive, send: Send) -> None:
         reply = self.pages.get(target) or self.pages.get(request.url.path) or Reply(404, b"<h1>Not found</h1>")
+        if reply.delay_seconds:
+            await asyncio.sleep(reply.delay_seconds)
         headers = dict(reply.headers)
         if reply.content_type:
             headers["content-type"] = reply.content_type

@@ -15,8 +15,8 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from functions.cron_scans import app as cron_app
 from functions.scan import app
+from functions.scanner.cron_scans import app as cron_app
 from shared.db.session import get_database
 from shared.egress import CUSTOMER_MESSAGES, EgressReason
 from shared.scans import ScanEnvironment, get_scan_environment
@@ -37,7 +37,9 @@ def site() -> Iterator[FakeSite]:
 @pytest.fixture
 def env(site: FakeSite) -> ScanEnvironment:
     site.reset()
-    return ScanEnvironment(policy=site.policy(), resolver=site.resolver(), politeness_seconds=0, concurrency=1)
+    return ScanEnvironment(
+        policy=site.policy(), resolver=site.resolver(), politeness_seconds=0, concurrency=1, stale_after_seconds=0
+    )
 
 
 async def _client(target: FastAPI, db: Connection, env: ScanEnvironment) -> AsyncIterator[httpx.AsyncClient]:

@@ -142,7 +142,8 @@ async def deliveries(admin: Connection, org: dict[str, Any]) -> list[dict[str, A
 
 
 async def run(fakes: Fakes, **settings: Any) -> RunReport:
-    options: dict[str, Any] = {"time_budget_seconds": 10.0, **settings}
+    # The cron as a sweeper with no grace: every due row is its to take (no queue in these tests).
+    options: dict[str, Any] = {"time_budget_seconds": 10.0, "stale_after_seconds": 0.0, **settings}
     return await Worker(get_database(), env=fakes.env, settings=WorkerSettings(**options)).run()
 
 
@@ -609,6 +610,14 @@ class TestCronEndpoint:
     ) -> None:
         await add_connection(admin, org, "slack_webhook", Credential(url=fakes.slack.webhook()), {})
         await add_item(admin, org)
+        fresh = await cron.get("/api/cron/deliveries", headers={"Authorization": f"Bearer {cron_secret}"})
+        assert fresh.json()["claimed"] == 0, "a delivery due just now belongs to its queue message"
+        # Its message was lost: once it has been due for longer than the sweeper's grace, the cron sends it.
+        await q(
+            admin,
+            "update public.deliveries set next_attempt_at = now() - interval '31 seconds' where org_id = %s",
+            org["id"],
+        )
         response = await cron.get("/api/cron/deliveries", headers={"Authorization": f"Bearer {cron_secret}"})
         assert response.status_code == 200
         assert response.json()["delivered"] == 1

@@ -65,7 +65,12 @@ async def online(
 def env(site: FakeSite) -> ScanEnvironment:
     site.reset()
     return ScanEnvironment(
-        policy=site.policy(), resolver=site.resolver(), politeness_seconds=0, concurrency=1, flush_pages=1
+        policy=site.policy(),
+        resolver=site.resolver(),
+        politeness_seconds=0,
+        concurrency=1,
+        flush_pages=1,
+        stale_after_seconds=0,
     )
 
 

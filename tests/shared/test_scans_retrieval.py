@@ -71,7 +71,9 @@ async def scanned_agent(db: Connection, site: FakeSite) -> dict[str, Any]:
     site.reset()
     org = await create_org(db)
     agent = await create_agent(db, org)
-    env = ScanEnvironment(policy=site.policy(), resolver=site.resolver(), politeness_seconds=0, concurrency=1)
+    env = ScanEnvironment(
+        stale_after_seconds=0, policy=site.policy(), resolver=site.resolver(), politeness_seconds=0, concurrency=1
+    )
     tdb = TransactionDatabase(db)
     body = ScanCreate(agent_id=agent["id"], start_url=site.url("/"), max_depth=3)
     await create_scan(tdb, user_claims(org["owner"]), body, env=env, request_id=None)

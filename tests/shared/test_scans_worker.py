@@ -51,7 +51,9 @@ def _fresh_site(site: FakeSite) -> None:
 @pytest.fixture
 def env(site: FakeSite) -> ScanEnvironment:
     # One lane: the tests' Database is one connection in one transaction.
-    return ScanEnvironment(policy=site.policy(), resolver=site.resolver(), politeness_seconds=0, concurrency=1)
+    return ScanEnvironment(
+        stale_after_seconds=0, policy=site.policy(), resolver=site.resolver(), politeness_seconds=0, concurrency=1
+    )
 
 
 @pytest.fixture
@@ -345,8 +347,8 @@ from shared.scans import ScanEnvironment, run_scans
 from tests.fakes.site import SiteResolver, FakeSite
 site = FakeSite({})
 site.port = int(sys.argv[1])
-env = ScanEnvironment(policy=site.policy(), resolver=site.resolver(), politeness_seconds=0.1, lease_seconds=1,
-                      time_budget_seconds=60, flush_pages=2, concurrency=1)
+env = ScanEnvironment(stale_after_seconds=0, policy=site.policy(), resolver=site.resolver(), politeness_seconds=0.1,
+                      lease_seconds=1, time_budget_seconds=60, flush_pages=2, concurrency=1)
 asyncio.run(run_scans(get_database(), env=env))
 """
 

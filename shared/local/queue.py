@@ -1,0 +1,51 @@
+"""Vercel Queues on a laptop: the SDK's queue dev server, and the subscribers consuming from it.
+
+``hiredhands dev`` starts ``python -m vercel.queue.devserver`` (the SDK's HTTP emulation of the
+queue service), points the SDK at it through its own environment variables, and runs every
+subscriber of ``functions/queues`` with the SDK's polling consumer (``poll_and_handle``): the same
+send, lease, acknowledge and retry calls as on Vercel, where the platform pushes instead of polling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import json
+import subprocess
+import sys
+import threading
+from typing import Any
+
+SUBSCRIBER_MODULES = ("functions.queues.deliveries", "functions.queues.scan_steps")
+# The SDK's marker for a local broker: no deployment to pin messages to (vercel.queue config).
+DEV_TOKEN = "vc-dev-token"  # noqa: S105 - a fixed public marker, not a secret
+
+
+def start_queue_server() -> tuple[subprocess.Popen[str], dict[str, str]]:
+    """The dev server on a free loopback port, and the environment that points the SDK at it."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "vercel.queue.devserver", "--host", "127.0.0.1", "--port", "0"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None  # noqa: S101 - piped above
+    line = process.stdout.readline()
+    if not line:
+        process.terminate()
+        sys.exit("The queue dev server did not start; is vercel-queue[devserver] installed?")
+    base_url = json.loads(line)["baseUrl"]
+    return process, {"VERCEL_QUEUE_BASE_URL": base_url, "VERCEL_QUEUE_TOKEN": DEV_TOKEN, "VERCEL_REGION": "iad1"}
+
+
+def run_subscribers_in_thread(interval_seconds: float = 0.2) -> None:
+    """Every subscriber polling the dev server, on an event loop of its own."""
+    from vercel.queue import get_subscriptions, poll_and_handle
+
+    for module in SUBSCRIBER_MODULES:
+        importlib.import_module(module)
+    subscribers: list[Any] = [subscription.func for subscription in get_subscriptions()]
+
+    async def consume() -> None:
+        await asyncio.gather(*(poll_and_handle(func, interval=interval_seconds) for func in subscribers))
+
+    threading.Thread(target=asyncio.run, args=(consume(),), name="queue-subscribers", daemon=True).start()

@@ -129,7 +129,7 @@ def _run_widget(ready: Connection, env: dict[str, str]) -> None:
     _quiet()
     import uvicorn
 
-    from functions.widget_chat import app
+    from functions.external.widget_chat import app
 
     listener = _listener()
     ready.send(listener.getsockname()[1])

@@ -15,6 +15,7 @@ for. ``python -m shared.local.build_output`` prints every function's unzipped si
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -135,6 +136,15 @@ class ServedFunction:
     messages: list[dict[str, Any]] = field(default_factory=list)
     output: list[str] = field(default_factory=list)
 
+    def logs(self) -> list[str]:
+        """What the function logged: its output, and the lines Vercel's entry forwards over IPC."""
+        forwarded = [
+            base64.b64decode(m["payload"]["message"]).decode(errors="replace").rstrip()
+            for m in list(self.messages)
+            if m.get("type") == "log"
+        ]
+        return self.output + forwarded
+
 
 def _read_ipc(listener: socket.socket, messages: list[dict[str, Any]], started: threading.Event) -> None:
     with contextlib.suppress(OSError):
@@ -223,7 +233,7 @@ def serve(
 
 @dataclass(frozen=True)
 class Routed:
-    function: str  # e.g. functions/widget_chat.py
+    function: str  # e.g. functions/external/widget_chat.py
     target: str  # the path the function receives, with the query the route adds
 
 
@@ -257,14 +267,14 @@ def main() -> None:
     functions = built_functions()
     if not functions:
         sys.exit(f"No build output in {OUTPUT}: run scripts/build.")
-    print(f"{'function':<34} {'files':>6} {'unzipped MB':>12}  settings; largest parts (MB)")
+    print(f"{'function':<38} {'files':>6} {'unzipped MB':>12}  settings; largest parts (MB)")
     for function in functions:
         sizes = function.size_by_top_level()
         config = function.config
         settings = ", ".join(f"{k}={config[k]}" for k in ("maxDuration", "memory") if k in config) or "defaults"
         largest = ", ".join(f"{name} {size / 1e6:.1f}" for name, size in sizes.most_common(6))
         total = sum(sizes.values()) / 1e6
-        print(f"{function.name:<34} {len(function.shipped_files()):>6} {total:>12.1f}  {settings}; {largest}")
+        print(f"{function.name:<38} {len(function.shipped_files()):>6} {total:>12.1f}  {settings}; {largest}")
 
 
 if __name__ == "__main__":

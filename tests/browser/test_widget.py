@@ -102,6 +102,27 @@ class TestConversation:
         history = stack.fake.requests_to("/v1/chat/completions")[-1].body["messages"]
         assert any("When do you open?" in str(m.get("content")) for m in history)
 
+    async def test_starting_a_new_conversation_forgets_the_old_one_on_this_device(
+        self, stack: Stack, widget: Widget, open_page: Any
+    ) -> None:
+        stack.fake.reply = ScriptedReply(content="Noted.")
+        page = await open_widget_page(page_opener=open_page, url=stack.site_url)
+        assert await page.evaluate("localStorage.length") == 0, "something was stored before the first message"
+        await ask(page, "My order is late")
+        await expect(replies(page).nth(1)).to_contain_text("Noted.")
+        assert await page.evaluate("localStorage.length") == 1
+
+        await page.get_by_role("button", name="Start a new conversation").click()
+        assert await page.evaluate("localStorage.length") == 0
+        await expect(replies(page)).to_have_count(1)  # the greeting alone
+        await expect(page.locator(f"{TAG} .msg.v")).to_have_count(0)
+        await ask(page, "A new question")
+        await expect(replies(page).nth(1)).to_contain_text("Noted.")
+        conversations = stack.sql(
+            "select count(*) from public.conversations where agent_id = %(agent)s", {"agent": widget.agent_id}
+        )
+        assert conversations == [(2,)]
+
     async def test_the_theme_passes_wcag_aa_and_the_sites_css_does_not_reach_the_widget(
         self, stack: Stack, widget: Widget, open_page: Any
     ) -> None:
@@ -158,6 +179,8 @@ class TestProgressiveAnswer:
         )
         await page.evaluate(SAMPLE_FRAMES)
         await ask(page, "Count to ten")
+        await expect(replies(page).nth(1)).to_contain_text("three")
+        await page.snap("streaming")
         await expect(replies(page).nth(1)).to_contain_text(answer)
 
         assert content_types, "no chat answer was seen"

@@ -89,7 +89,7 @@ ServeBuilt = Callable[[str], ServedFunction]
 
 @pytest.fixture(scope="module")
 def serve_built(built: dict[str, BuiltFunction], function_env: dict[str, str]) -> Iterator[ServeBuilt]:
-    """``serve_built("functions/widget_chat.py").base_url``: the function, started once per module."""
+    """``serve_built("functions/external/widget_chat.py").base_url``: the function, started once per module."""
     running: dict[str, ServedFunction] = {}
     with ExitStack() as stack:
 
@@ -118,7 +118,11 @@ class Deployment:
         routed = self._routes.resolve(path, query)
         assert routed is not None, f"no route in config.json reaches {path}"
         served = self._serve(routed.function)
-        return httpx.request(method, served.base_url + routed.target, timeout=30, **kwargs)
+        response = httpx.request(method, served.base_url + routed.target, timeout=30, **kwargs)
+        if response.status_code >= 500 and response.status_code != 503:  # 503: not ready, said as such
+            log = "\n".join(served.logs()[-30:])
+            pytest.fail(f"{method} {url} -> {response.status_code} {response.text}\n{routed.function} said:\n{log}")
+        return response
 
 
 @pytest.fixture(scope="module")

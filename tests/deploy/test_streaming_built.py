@@ -17,7 +17,7 @@ from shared.local.build_output import BuiltFunction, Routes, ServedFunction, out
 from shared.local.cli import DEMO_WIDGET_KEY
 from tests.fakes.openai_server import FakeOpenAI, running_fake_openai
 
-WIDGET = "functions/widget_chat.py"
+WIDGET = "functions/external/widget_chat.py"
 ORIGIN = "http://localhost:3000"
 WORDS = 12
 INTERVAL = 0.25

@@ -6,7 +6,7 @@ Everything runs on this machine, each server in its own process so no two share 
 * Redis: the local ``redis-server`` behind the Upstash REST bridge (``shared.local.redis_bridge``);
 * the model: the loopback OpenAI-compatible server of the tests (``tests/fakes/openai_server.py``),
   which answers every chat and embedding request at once;
-* the widget function (``functions/widget_chat.py``) under uvicorn, configured through its
+* the widget function (``functions/external/widget_chat.py``) under uvicorn, configured through its
   environment as in production (OpenAI key and base URL pointing at the fake);
 * the baseline: a FastAPI app from the same ``create_app`` (same middleware and log line) whose one
   endpoint makes one Postgres query (one round trip, from the same pool) and one Redis command
@@ -134,7 +134,7 @@ def _run_server(ready: Connection, which: str, env: dict[str, str], key_hash: by
     import uvicorn
 
     if which == "widget":
-        from functions.widget_chat import app
+        from functions.external.widget_chat import app
     else:
         app = _baseline_app(key_hash)
     listener = _listener()

@@ -14,7 +14,7 @@ from fastapi import FastAPI
 from fastapi.routing import APIRoute
 from starlette.routing import BaseRoute
 
-from shared.local.routes import FUNCTIONS_DIR, cron_paths, function_modules, rewrites, static_files
+from shared.local.routes import cron_paths, function_file, function_modules, rewrites, static_files
 
 
 def _api_routes(routes: Iterable[BaseRoute]) -> Iterator[APIRoute]:
@@ -36,7 +36,7 @@ def _example_path(source: str) -> str:
 
 class TestRoutingAgreement:
     def test_every_rewrite_points_at_an_existing_function(self) -> None:
-        missing = [r.source for r in rewrites() if not (FUNCTIONS_DIR / f"{r.function}.py").exists()]
+        missing = [r.source for r in rewrites() if not function_file(r.function).exists()]
         assert not missing, f"vercel.json routes to missing functions: {missing}"
 
     def test_every_function_has_a_route(self) -> None:
@@ -93,7 +93,7 @@ class TestVercelAndLambdaEntryPoints:
 
     @pytest.mark.parametrize("name", function_modules())
     def test_function_imports_only_shared(self, name: str) -> None:
-        tree = ast.parse((FUNCTIONS_DIR / f"{name}.py").read_text())
+        tree = ast.parse(function_file(name).read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and node.module:
                 assert not node.module.startswith("functions"), f"{name} imports another function"

@@ -9,6 +9,7 @@ from datetime import datetime
 from typing import Any, Final
 
 from shared.billing.plans import Plan
+from shared.billing.schemas import LedgerIds
 from shared.db.session import Connection, jsonb
 
 ACTOR_WEBHOOK: Final = "stripe-webhook"
@@ -24,7 +25,8 @@ _ORGANIZATION = "select o.id, o.name from public.organizations as o where o.id =
 
 _ACCOUNT = """
 select a.org_id, a.stripe_customer_id, a.stripe_subscription_id, a.subscription_status, a.plan,
-       a.current_period_end, a.state_updated_at
+       a.current_period_end, a.state_updated_at, a.checkout_attempt, a.checkout_plan, a.checkout_expires_at,
+       a.checkout_claimed_at, a.checkout_session_id, a.checkout_url, now() as now
   from public.billing_accounts as a
  where a.org_id = %(org_id)s
 """
@@ -79,11 +81,59 @@ insert into public.audit_log (org_id, actor_user_id, actor, action, target_type,
 values (%(org_id)s, null, %(actor)s, %(action)s, %(target_type)s, %(target_id)s, %(details)s, %(request_id)s)
 """
 
+_CLAIM_CHECKOUT = """
+update public.billing_accounts
+   set checkout_attempt = %(attempt)s,
+       checkout_plan = %(plan)s,
+       checkout_expires_at = %(expires_at)s,
+       checkout_claimed_at = now(),
+       checkout_session_id = null,
+       checkout_url = null
+ where org_id = %(org_id)s
+"""
+
+# Only the attempt that was claimed stores its session; a takeover of the same attempt stores the
+# same session (same idempotency key), so coalesce keeps whichever landed first.
+_STORE_CHECKOUT = """
+update public.billing_accounts
+   set checkout_session_id = coalesce(checkout_session_id, %(session_id)s),
+       checkout_url = case when checkout_session_id is null then %(url)s else checkout_url end
+ where org_id = %(org_id)s
+   and checkout_attempt = %(attempt)s
+   and checkout_plan is not null
+returning checkout_url
+"""
+
+_RELEASE_CHECKOUT = """
+update public.billing_accounts
+   set checkout_plan = null, checkout_expires_at = null, checkout_claimed_at = null
+ where org_id = %(org_id)s
+   and checkout_attempt = %(attempt)s
+   and checkout_session_id is null
+"""
+
+_FORGET_CHECKOUT = """
+update public.billing_accounts
+   set checkout_plan = null, checkout_expires_at = null, checkout_claimed_at = null,
+       checkout_session_id = null, checkout_url = null
+ where org_id = %(org_id)s
+   and checkout_session_id = %(session_id)s
+"""
+
+_CHECKOUT_STATE = """
+select a.checkout_attempt, a.checkout_plan, a.checkout_url
+  from public.billing_accounts as a
+ where a.org_id = %(org_id)s
+"""
+
 _EVENT_RECORDED = "select 1 from public.stripe_events as e where e.id = %(id)s"
 
 _RECORD_EVENT = """
-insert into public.stripe_events (id, type, org_id, event_created, payload)
-values (%(id)s, %(type)s, %(org_id)s, %(event_created)s, %(payload)s)
+insert into public.stripe_events
+  (id, type, org_id, event_created, object_type, object_id, customer_id, subscription_id)
+values
+  (%(id)s, %(type)s, %(org_id)s, %(event_created)s, %(object_type)s, %(object_id)s, %(customer_id)s,
+   %(subscription_id)s)
 on conflict (id) do nothing
 returning id
 """
@@ -198,6 +248,38 @@ async def write_audit(
     )
 
 
+async def claim_checkout(conn: Connection, org_id: uuid.UUID, *, attempt: int, plan: str, expires_at: datetime) -> None:
+    """Make ``attempt`` the organization's current checkout, its session not created yet (run under
+    the account's row lock)."""
+    await conn.execute(_CLAIM_CHECKOUT, {"org_id": org_id, "attempt": attempt, "plan": plan, "expires_at": expires_at})
+
+
+async def store_checkout(conn: Connection, org_id: uuid.UUID, *, attempt: int, session_id: str, url: str) -> str | None:
+    """Record the attempt's session; returns the URL stored for it, or None when the attempt is no
+    longer the current one."""
+    row = await (
+        await conn.execute(
+            _STORE_CHECKOUT, {"org_id": org_id, "attempt": attempt, "session_id": session_id, "url": url}
+        )
+    ).fetchone()
+    return str(row["checkout_url"]) if row else None
+
+
+async def release_checkout(conn: Connection, org_id: uuid.UUID, *, attempt: int) -> None:
+    """Give up a claimed attempt whose session could not be created; the next start claims a new one."""
+    await conn.execute(_RELEASE_CHECKOUT, {"org_id": org_id, "attempt": attempt})
+
+
+async def forget_checkout(conn: Connection, org_id: uuid.UUID, session_id: str) -> None:
+    """The session is no longer open (expired by us, completed, or gone at Stripe)."""
+    await conn.execute(_FORGET_CHECKOUT, {"org_id": org_id, "session_id": session_id})
+
+
+async def checkout_state(conn: Connection, org_id: uuid.UUID) -> dict[str, Any] | None:
+    row = await (await conn.execute(_CHECKOUT_STATE, {"org_id": org_id})).fetchone()
+    return dict(row) if row else None
+
+
 async def event_recorded(conn: Connection, event_id: str) -> bool:
     return await (await conn.execute(_EVENT_RECORDED, {"id": event_id})).fetchone() is not None
 
@@ -209,9 +291,10 @@ async def record_event(
     event_type: str,
     org_id: uuid.UUID | None,
     event_created: datetime,
-    payload: Mapping[str, Any],
+    ids: LedgerIds,
 ) -> bool:
-    """Insert the event into the ledger; False when its id is there already (a duplicate delivery)."""
+    """Insert the event into the ledger; False when its id is there already (a duplicate delivery).
+    The row keeps the event's id, type, created and the ids of its object, never its payload."""
     row = await (
         await conn.execute(
             _RECORD_EVENT,
@@ -220,7 +303,10 @@ async def record_event(
                 "type": event_type,
                 "org_id": org_id,
                 "event_created": event_created,
-                "payload": jsonb(dict(payload)),
+                "object_type": ids.object_type,
+                "object_id": ids.object_id,
+                "customer_id": ids.customer_id,
+                "subscription_id": ids.subscription_id,
             },
         )
     ).fetchone()

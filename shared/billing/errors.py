@@ -50,3 +50,16 @@ class AlreadySubscribed(Conflict):
 class NoBillingAccount(Conflict):
     type_slug = "no-billing-account"
     title = "The organization has no billing account yet"
+
+
+class CheckoutInProgress(Conflict):
+    type_slug = "checkout-in-progress"
+    title = "A checkout is being started for this organization"
+
+    def __init__(self, detail: str | None = None) -> None:
+        super().__init__(detail, headers={"Retry-After": "2"})
+
+
+class CheckoutCompleted(Conflict):
+    type_slug = "checkout-completed"
+    title = "The organization's checkout was just completed"

@@ -9,8 +9,10 @@ subscription from ``invoice.subscription`` to ``invoice.parent.subscription_deta
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
@@ -98,6 +100,41 @@ def object_id(value: Any) -> str | None:
     if isinstance(value, Mapping) and isinstance(value.get("id"), str):
         return str(value["id"])
     return None
+
+
+_STRIPE_ID = re.compile(r"^[A-Za-z0-9_]{3,255}$")
+_OBJECT_TYPE = re.compile(r"^[a-z][a-z0-9_.]{0,99}$")
+
+
+def _id_with_prefix(value: str | None, prefix: str) -> str | None:
+    return value if value and value.startswith(prefix) and _STRIPE_ID.match(value) else None
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerIds:
+    """What the ledger keeps of an event's object: its type and ids, never its contents.
+
+    ``charge.succeeded`` and its kin carry the card's brand, last four digits, expiry, fingerprint
+    and the billing details; none of that is read here, and only values shaped like Stripe ids
+    are kept."""
+
+    object_type: str | None
+    object_id: str | None
+    customer_id: str | None
+    subscription_id: str | None
+
+    @classmethod
+    def of(cls, event: StripeEvent) -> LedgerIds:
+        obj = event.data.object
+        kind = obj.get("object")
+        own_id = obj.get("id") if isinstance(obj.get("id"), str) else None
+        subscription = (own_id if kind == "subscription" else None) or invoice_subscription_id(obj)
+        return cls(
+            object_type=kind if isinstance(kind, str) and _OBJECT_TYPE.match(kind) else None,
+            object_id=own_id if own_id and _STRIPE_ID.match(own_id) else None,
+            customer_id=_id_with_prefix(object_id(obj.get("customer")), "cus_"),
+            subscription_id=_id_with_prefix(subscription, "sub_"),
+        )
 
 
 def org_id_hint(value: Any) -> uuid.UUID | None:

@@ -22,6 +22,8 @@ import uuid
 import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, Final
 
 from shared.billing.errors import BillingUnavailable
@@ -147,9 +149,34 @@ async def find_price(lookup_key: str) -> str | None:
     return str(prices.data[0].id) if prices.data else None
 
 
+@dataclass(frozen=True, slots=True)
+class CheckoutSession:
+    id: str
+    url: str | None
+    status: str | None  # open, complete, expired
+
+
+def _checkout_session(session: Any) -> CheckoutSession:
+    return CheckoutSession(
+        id=str(session.id),
+        url=str(session.url) if getattr(session, "url", None) else None,
+        status=str(session.status) if getattr(session, "status", None) else None,
+    )
+
+
 async def create_checkout_session(
-    *, customer_id: str, price_id: str, org_id: uuid.UUID, plan: str, success_url: str, cancel_url: str
-) -> str:
+    *,
+    customer_id: str,
+    price_id: str,
+    org_id: uuid.UUID,
+    plan: str,
+    success_url: str,
+    cancel_url: str,
+    expires_at: datetime,
+    idempotency_key: str,
+) -> CheckoutSession:
+    """Every parameter is fixed by the claimed attempt (``expires_at`` included), so a retry with
+    the attempt's idempotency key is the same request and Stripe answers it with the same session."""
     metadata = {"org_id": str(org_id), "plan": plan}
     with map_stripe_errors("checkout.sessions.create"):
         session = await stripe_client().v1.checkout.sessions.create_async(
@@ -162,11 +189,34 @@ async def create_checkout_session(
                 "line_items": [{"price": price_id, "quantity": 1}],
                 "success_url": success_url,
                 "cancel_url": cancel_url,
-            }
+                "expires_at": int(expires_at.timestamp()),
+            },
+            options={"idempotency_key": idempotency_key},
         )
-    if not session.url:
+    created = _checkout_session(session)
+    if not created.url:
         raise BillingUnavailable("Stripe returned a checkout session without a URL.")
-    return str(session.url)
+    return created
+
+
+async def retrieve_checkout_session(session_id: str) -> CheckoutSession | None:
+    try:
+        with map_stripe_errors("checkout.sessions.retrieve"):
+            session = await stripe_client().v1.checkout.sessions.retrieve_async(session_id)
+    except StripeObjectMissing:
+        return None
+    return _checkout_session(session)
+
+
+async def expire_checkout_session(session_id: str) -> CheckoutSession | None:
+    """Expire an open session; None when Stripe no longer knows it. Stripe refuses to expire a
+    session that is not open, so callers read its status first."""
+    try:
+        with map_stripe_errors("checkout.sessions.expire"):
+            session = await stripe_client().v1.checkout.sessions.expire_async(session_id)
+    except StripeObjectMissing:
+        return None
+    return _checkout_session(session)
 
 
 async def create_portal_session(*, customer_id: str, return_url: str) -> str:

@@ -15,7 +15,9 @@
    racing deliveries of one id serialize on the ledger's primary key: the loser gets no row and
    changes nothing. Any failure rolls everything back and becomes a 5xx, so Stripe retries.
 
-Event types we do not handle are recorded and acknowledged (outcome ``ignored-event-type``).
+Event types we do not handle are recorded and acknowledged (outcome ``ignored-event-type``). The
+ledger keeps an event's id, type, created, outcome and the ids of its object, never its payload
+(``charge.succeeded`` carries card details).
 """
 
 from __future__ import annotations
@@ -24,11 +26,12 @@ import logging
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import Final
 
 from shared.billing import accounts
 from shared.billing.plans import FREE, Plan, entitles
 from shared.billing.schemas import (
+    LedgerIds,
     Outcome,
     StripeEvent,
     SubscriptionState,
@@ -183,7 +186,6 @@ async def apply_subscription(
 async def _handle(
     conn: Connection,
     event: StripeEvent,
-    document: dict[str, Any],
     target: Target | None,
     observation: Observation | None,
     *,
@@ -191,16 +193,20 @@ async def _handle(
 ) -> tuple[Outcome, uuid.UUID | None]:
     state = observation.state if observation else None
     org_id = await resolve_org(conn, target, state) if target else None
+    ids = LedgerIds.of(event)
     recorded = await accounts.record_event(
         conn,
         event_id=event.id,
         event_type=event.type,
         org_id=org_id,
         event_created=event.created_at,
-        payload=document,
+        ids=ids,
     )
     if not recorded:
         return "duplicate", org_id
+    if event.type == CHECKOUT_COMPLETED and org_id is not None and ids.object_id:
+        # A paid session is no longer the organization's open checkout.
+        await accounts.forget_checkout(conn, org_id, ids.object_id)
 
     outcome: Outcome
     if target is None:
@@ -222,7 +228,7 @@ async def _handle(
 async def receive_event(
     db: Database, payload: bytes, signature: str | None, *, request_id: str | None
 ) -> WebhookReceipt:
-    event, document = verify_event(payload, signature, webhook_secrets(get_settings()))
+    event, _ = verify_event(payload, signature, webhook_secrets(get_settings()))
 
     async with as_service(db) as conn:
         if await accounts.event_recorded(conn, event.id):
@@ -232,7 +238,7 @@ async def receive_event(
     observation = await observe(event, target) if target else None
 
     async with as_service(db) as conn:
-        outcome, org_id = await _handle(conn, event, document, target, observation, request_id=request_id)
+        outcome, org_id = await _handle(conn, event, target, observation, request_id=request_id)
     return _done(event, outcome, org_id, request_id)
 
 

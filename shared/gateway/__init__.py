@@ -11,6 +11,7 @@ only inside the functions that call a model.
 from shared.gateway.provider import close_clients
 from shared.gateway.schemas import ChatMessage, ChatResult, Role, ToolCall
 from shared.gateway.service import BURST_BUCKET, EMBEDDING_DIMENSIONS, BurstPass, admit_burst, chat, embed, online
+from shared.gateway.streaming import ChatStream, StreamedChat, open_chat_stream
 from shared.gateway.tools import CAPTURE_LEAD, ESCALATE, ESCALATION_REASONS, WIDGET_TOOLS
 
 __all__ = [
@@ -23,11 +24,14 @@ __all__ = [
     "BurstPass",
     "ChatMessage",
     "ChatResult",
+    "ChatStream",
     "Role",
+    "StreamedChat",
     "ToolCall",
     "admit_burst",
     "chat",
     "close_clients",
     "embed",
     "online",
+    "open_chat_stream",
 ]

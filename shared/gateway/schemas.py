@@ -7,6 +7,9 @@ from typing import Any, Literal
 
 Role = Literal["system", "user", "assistant", "tool"]
 
+MAX_REPLY_CHARS = 100_000
+"""The longest reply a transcript stores (``messages.content``); a longer one is clipped, saying so."""
+
 
 @dataclass(frozen=True, slots=True)
 class ChatMessage:
@@ -31,7 +34,8 @@ class ToolCall:
 
 @dataclass(frozen=True, slots=True)
 class ChatResult:
-    """A metered answer. ``content`` may be empty when the model only called a tool."""
+    """A metered answer. ``content`` may be empty when the model only called a tool; ``clipped``: the
+    model's reply was longer than ``MAX_REPLY_CHARS`` and ``content`` ends with a note saying it was cut."""
 
     content: str
     tool_calls: list[ToolCall]
@@ -41,3 +45,4 @@ class ChatResult:
     cost_microusd: int
     usage_event_id: int
     offline: bool
+    clipped: bool = False

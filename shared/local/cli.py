@@ -2,7 +2,8 @@
 
 hiredhands db    embedded Postgres with bootstrap, migrations and seed; prints DATABASE_URL first
 hiredhands dev   the whole stack: database, Redis behind the Upstash REST bridge, every function
-                 on one port at its vercel.json paths, the queue dev server and its subscribers
+                 on one port at its vercel.json paths, the vercel.json crons on their schedules,
+                 the queue dev server and its subscribers, and the demo site (shared/local/demo.py)
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import threading
 import time
 from pathlib import Path
 
+from shared.local.crons import crons, start_scheduler
 from shared.local.database import LocalServer, apply_schema, create_database, start_server
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -107,6 +109,8 @@ def _local_environment(database_url: str, redis_rest_url: str, redis_token: str)
         "SUPABASE_JWT_SECRET": secrets.token_urlsafe(32),
         "WIDGET_TOKEN_SECRET": secrets.token_urlsafe(32),
         "CREDENTIAL_KEYS": "local1:" + base64.b64encode(secrets.token_bytes(32)).decode(),
+        # The local scheduler (shared/local/crons.py) calls the cron paths with it, as Vercel Cron does.
+        "CRON_SECRET": secrets.token_urlsafe(32),
     }
 
 
@@ -123,6 +127,7 @@ def cmd_dev(args: argparse.Namespace) -> None:
     os.environ.update(
         _local_environment(server.url(DATABASE, user="authenticator"), f"http://127.0.0.1:{bridge_port}", redis_token)
     )
+    from shared.local.demo import DemoSite, allow_demo_origins
     from shared.local.queue import run_subscribers_in_thread, start_queue_server
 
     queue_process, queue_environment = start_queue_server()
@@ -131,7 +136,11 @@ def cmd_dev(args: argparse.Namespace) -> None:
     from shared.settings import get_settings
 
     get_settings.cache_clear()
-    _serve_in_thread(LocalRouter(), args.port)
+    refused_port = _free_port() if _port_open("127.0.0.1", args.port + 1) else args.port + 1
+    allow_demo_origins(server.url(DATABASE), DEMO_WIDGET_KEY, args.port)
+    site = DemoSite(api_port=args.port, widget_key=DEMO_WIDGET_KEY, allowed=True, refused_port=refused_port)
+    _serve_in_thread(LocalRouter(site), args.port)
+    _serve_in_thread(DemoSite(api_port=args.port, widget_key=DEMO_WIDGET_KEY, allowed=False), refused_port)
     run_subscribers_in_thread()
 
     import jwt
@@ -151,21 +160,30 @@ def cmd_dev(args: argparse.Namespace) -> None:
     )
     base = f"http://127.0.0.1:{args.port}"
     print(f"HiredHands local stack serving at {base}", flush=True)
+    print(
+        f"  demo site with the widget: http://localhost:{args.port}/ (refused origin: http://localhost:{refused_port}/)"
+    )
     print(f"  database (as the API login role): {server.url(DATABASE, user='authenticator')}")
     print(f"  redis: {redis_url} behind the Upstash REST bridge at http://127.0.0.1:{bridge_port}")
     print(f"  queue: the vercel-queue dev server at {queue_environment['VERCEL_QUEUE_BASE_URL']}")
     print(f"  demo user: {DEMO_USER['email']} ({DEMO_USER['id']})")
     print(f"  demo access token (12 h): {token}")
     print(f"  demo widget key: {DEMO_WIDGET_KEY}")
+    schedules = ", ".join(f"{c.path} ({c.schedule})" for c in crons())
+    print(f"  crons: {schedules}, called with a fresh CRON_SECRET; each run prints a 'cron' line here")
+    print(f"  watch a scan: curl -s {base}/api/scans/<id> -H 'authorization: Bearer <token>'")
     print(f"  try: curl -s {base}/api/health/ready")
     print(
         f"  try: curl -s -X POST {base}/api/widget/{DEMO_WIDGET_KEY}/chat -H 'content-type: application/json'"
         " -H 'origin: http://localhost:3000' -d '{\"message\": \"When are you open?\"}'",
         flush=True,
     )
+    stop = threading.Event()
+    start_scheduler(base, os.environ["CRON_SECRET"], stop)
     try:
         _wait_forever()
     finally:
+        stop.set()
         queue_process.terminate()
         if redis_process is not None:
             redis_process.terminate()

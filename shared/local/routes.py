@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import mimetypes
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ FUNCTIONS_DIR = ROOT / "functions"
 @dataclass(frozen=True)
 class Rewrite:
     source: str
-    function: str  # module name under functions/
+    function: str  # module name under functions/, dotted for a function in a subfolder ("scanner.cron_scans")
 
     @property
     def pattern(self) -> re.Pattern[str]:
@@ -43,10 +44,10 @@ def rewrites() -> list[Rewrite]:
     result = []
     for rule in load_config().get("rewrites", []):
         destination = rule["destination"]
-        match = re.fullmatch(r"/functions/(\w+)\.py", destination)
+        match = re.fullmatch(r"/functions/([\w/]+)\.py", destination)
         if not match:
             raise ValueError(f"vercel.json rewrite to something other than a function: {destination}")
-        result.append(Rewrite(source=rule["source"], function=match.group(1)))
+        result.append(Rewrite(source=rule["source"], function=match.group(1).replace("/", ".")))
     return result
 
 
@@ -62,16 +63,44 @@ def static_files() -> dict[str, Path]:
     return files
 
 
+def static_headers(path: str) -> dict[str, str]:
+    """The headers vercel.json's ``headers`` rules give ``path`` (exact sources only: all we use)."""
+    headers: dict[str, str] = {}
+    for rule in load_config().get("headers", []):
+        if rule["source"] == path:
+            headers.update({item["key"]: item["value"] for item in rule["headers"]})
+    return headers
+
+
+def content_type(file: Path) -> str:
+    guessed = mimetypes.guess_type(file.name)[0] or "text/plain"
+    return f"{guessed}; charset=utf-8" if guessed.startswith("text/") or guessed.endswith("javascript") else guessed
+
+
 def function_modules() -> list[str]:
-    return sorted(p.stem for p in FUNCTIONS_DIR.glob("*.py") if p.stem != "__init__")
+    """Every function, as its module name under functions/ (a subfolder has its own dependencies)."""
+    files = FUNCTIONS_DIR.rglob("[!_]*.py")
+    return sorted(".".join(p.relative_to(FUNCTIONS_DIR).with_suffix("").parts) for p in files)
+
+
+def function_file(module: str) -> Path:
+    return FUNCTIONS_DIR.joinpath(*module.split(".")).with_suffix(".py")
 
 
 class LocalRouter:
-    """One ASGI app serving every function at its vercel.json paths, plus the static files."""
+    """One ASGI app serving every function at its vercel.json paths, plus the static files, with the
+    headers vercel.json gives them; and, when one is given, a site at every other path (the demo)."""
 
-    def __init__(self) -> None:
+    def __init__(self, site: ASGIApp | None = None) -> None:
         self._routes = [(r.pattern, self._app(r.function)) for r in rewrites()]
-        self._static = {path: file.read_bytes() for path, file in static_files().items()}
+        self._static = {path: self._static_response(path, file) for path, file in static_files().items()}
+        self._site = site
+
+    @staticmethod
+    def _static_response(path: str, file: Path) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+        body = file.read_bytes()
+        headers = {"content-type": content_type(file), **static_headers(path), "content-length": str(len(body))}
+        return body, [(name.lower().encode(), value.encode()) for name, value in headers.items()]
 
     @staticmethod
     def _app(function: str) -> ASGIApp:
@@ -88,8 +117,7 @@ class LocalRouter:
             return
         path = scope.get("path", "")
         if scope["type"] == "http" and path in self._static:
-            body = self._static[path]
-            headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", str(len(body)).encode())]
+            body, headers = self._static[path]
             await send({"type": "http.response.start", "status": 200, "headers": headers})
             await send({"type": "http.response.body", "body": body})
             return
@@ -97,6 +125,9 @@ class LocalRouter:
             if pattern.match(path):
                 await app(scope, receive, send)
                 return
+        if self._site is not None:
+            await self._site(scope, receive, send)
+            return
         body = b'{"type":"about:blank","title":"Not found","status":404}'
         headers = [(b"content-type", b"application/problem+json"), (b"content-length", str(len(body)).encode())]
         await send({"type": "http.response.start", "status": 404, "headers": headers})

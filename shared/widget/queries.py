@@ -52,6 +52,8 @@ class ChatContext:
     message_count: int | None
     has_knowledge: bool
     history: list[HistoryMessage]
+    token_generation: int | None = None
+    """The generation of the conversation's newest visitor token."""
 
 
 # Same shape for every key: the unique index on widget_key_hash, then the enabled flag. Unknown,
@@ -71,7 +73,7 @@ select a.id as agent_id, a.org_id, a.system_prompt, a.model, a.temperature::floa
        coalesce(l.widget_rpm_per_agent, 60) as rpm_per_agent,
        coalesce(l.widget_rpm_per_visitor, 10) as rpm_per_visitor,
        coalesce(l.burst_per_minute, 30) as burst_per_minute,
-       c.id as conversation_id, c.status as conversation_status, c.message_count,
+       c.id as conversation_id, c.status as conversation_status, c.message_count, c.token_generation,
        exists (select 1 from public.knowledge_chunks as k where k.agent_id = a.id) as has_knowledge,
        coalesce(h.history, '[]'::jsonb) as history
   from public.agents as a
@@ -105,7 +107,8 @@ select count(*)::int as n
 """
 
 # One round trip for everything the chat path writes: the conversation (opened, or marked
-# escalated), the visitor's message and the reply, and the review items. An escalation is skipped
+# escalated, its token generation raised; never a closed one), the visitor's message and the
+# reply, and the review items. An escalation is skipped
 # while the conversation already has one pending or in progress, so a visitor repeating "a human
 # please" does not fill the queue. Messages and items keep their array order (ordinality).
 _STORE_TURN = """
@@ -114,24 +117,27 @@ with conversation as (
   values (%(conversation_id)s, %(org_id)s, %(agent_id)s, %(visitor_id)s, %(origin)s,
           case when %(escalate)s then 'escalated' else 'open' end)
   on conflict (id) do update
-     set status = case when %(escalate)s and c.status = 'open' then 'escalated' else c.status end
+     set status = case when %(escalate)s and c.status = 'open' then 'escalated' else c.status end,
+         token_generation = c.token_generation + 1
    where c.agent_id = excluded.agent_id
      and c.org_id = excluded.org_id
      and c.visitor_id = excluded.visitor_id
-  returning c.id, c.org_id
+     and c.status <> 'closed'
+  returning c.id, c.org_id, c.token_generation
 ),
 stored as (
   insert into public.messages (org_id, conversation_id, role, content, created_at,
-                               model, prompt_tokens, completion_tokens, latency_ms, usage_event_id)
+                               model, prompt_tokens, completion_tokens, latency_ms, usage_event_id, partial)
   select v.org_id, v.id, m.role, m.content, m.created_at,
          m.model, m.prompt_tokens, m.completion_tokens,
          (select u.latency_ms from public.usage_events as u where u.id = m.usage_event_id and u.org_id = v.org_id),
-         m.usage_event_id
+         m.usage_event_id, m.partial
     from conversation as v,
          rows from (jsonb_to_recordset(%(messages)s) as (role text, content text, created_at timestamptz,
-                    model text, prompt_tokens integer, completion_tokens integer, usage_event_id bigint))
+                    model text, prompt_tokens integer, completion_tokens integer, usage_event_id bigint,
+                    partial boolean))
            with ordinality as m(role, content, created_at, model, prompt_tokens, completion_tokens,
-                                usage_event_id, n)
+                                usage_event_id, partial, n)
    order by m.n
   returning id
 ),
@@ -153,7 +159,8 @@ items as (
   returning id
 )
 select (select count(*) from stored)::int as messages,
-       (select coalesce(array_agg(id), '{}') from items) as item_ids
+       (select coalesce(array_agg(id), '{}') from items) as item_ids,
+       (select v.token_generation from conversation as v) as token_generation
 """
 
 
@@ -167,12 +174,16 @@ class NewMessage:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     usage_event_id: int | None = None
+    partial: bool = False
+    """A streamed reply that stopped before the model finished it (the visitor left, or the model failed)."""
 
 
 @dataclass(frozen=True, slots=True)
 class StoredTurn:
     messages: int
     item_ids: list[UUID]  # review items created (their deliveries are announced once committed)
+    token_generation: int | None
+    """The generation the next visitor token names (None when nothing was stored)."""
 
     @property
     def items(self) -> int:
@@ -239,6 +250,7 @@ async def store_turn(
                     "prompt_tokens": m.prompt_tokens,
                     "completion_tokens": m.completion_tokens,
                     "usage_event_id": m.usage_event_id,
+                    "partial": m.partial,
                 }
                 for m in messages
             ]
@@ -248,4 +260,7 @@ async def store_turn(
     rows = await run_as_service(db, _STORE_TURN, params)
     if not rows:  # pragma: no cover - the final select always returns one row
         raise RuntimeError("the turn was not stored")
-    return StoredTurn(messages=rows[0]["messages"], item_ids=list(rows[0]["item_ids"]))
+    row = rows[0]
+    return StoredTurn(
+        messages=row["messages"], item_ids=list(row["item_ids"]), token_generation=row["token_generation"]
+    )

@@ -1,12 +1,12 @@
-"""The widget's conversation flow: what ``functions/widget_chat.py`` calls.
+"""The widget's conversation flow: what ``functions/external/widget_chat.py`` calls.
 
 ``chat`` in order (docs/widget.md has the round-trip count and the reasons):
 
 1. Verify the visitor token, if any (no I/O).
 2. One read (``queries.chat_context``): the agent behind the key's hash, its organization's limits
    and, for a valid token, the conversation and its recent history. No row: ``WidgetNotFound``.
-3. The origin policy (``cors.decide``); from here on every response, errors included, carries the
-   CORS headers of an allowed origin.
+3. The origin policy (``cors.decide``); from here on every answer, errors and an unexpected 500
+   included, carries the CORS headers of an allowed origin (``add_answer_headers``).
 4. Rate limits in Redis: per visitor (the client address, per agent), a 429 with ``Retry-After``;
    then, in one Redis request, per agent (a 429) and the organization's burst limit for the turn's
    model calls (``gateway.admit_burst``; refused: ``AgentUnavailable``). Redis unreachable: the
@@ -18,7 +18,8 @@
 8. One write (``queries.store_turn``): the conversation, both messages and any review items.
 
 Degradation: the model failing or timing out gives the visitor a friendly reply and the team an
-escalation (the gateway charged nothing); the budget exhausted or the organization's burst limit
+escalation (the gateway charges nothing, or its reserved bound when the request reached the
+provider, which may bill it: docs/gateway.md); the budget exhausted or the organization's burst limit
 hit gives ``AgentUnavailable`` (503, ``Retry-After``) with nothing stored and no model called; a
 database that cannot be reached is ``DependencyUnavailable`` (503, ``Retry-After``).
 """
@@ -28,8 +29,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal, TypeVar
@@ -38,14 +37,15 @@ from uuid import UUID
 from shared import gateway, reviews
 from shared.connections import outbox
 from shared.db.session import Database
-from shared.errors import BudgetExhausted, DomainError, ModelUnavailable, RateLimited
-from shared.gateway import WIDGET_TOOLS, ChatMessage, ChatResult
+from shared.errors import BudgetExhausted, ModelUnavailable, RateLimited
+from shared.gateway import WIDGET_TOOLS, ChatMessage, ChatResult, ToolCall
 from shared.logs import DECISION_REASON, ORG_ID, REQUEST_ID, log_event
 from shared.queues import PRODUCTION as QUEUE
 from shared.queues import QueueEnvironment
 from shared.ratelimit import LimitCheck, RateLimitRule, hit
 from shared.redis import get_redis
 from shared.retrieval import RetrievedChunk, search_knowledge
+from shared.web.headers import add_answer_headers
 from shared.widget import cors, queries, visitor_tokens
 from shared.widget.errors import (
     AgentUnavailable,
@@ -97,22 +97,11 @@ _ROLE_FOR_MODEL = {"visitor": "user", "agent": "assistant"}
 
 @dataclass(frozen=True, slots=True)
 class Served[T]:
-    """A response body, the headers that go with it (CORS for the request's origin) and, for the
-    request's log line, the organization it served."""
+    """A response body and, for the request's log line, the organization it served. The CORS headers
+    for the request's origin are on every answer already (``add_answer_headers``)."""
 
     body: T
-    headers: dict[str, str]
     org_id: str
-
-
-@contextmanager
-def _with_headers(headers: dict[str, str]) -> Iterator[None]:
-    """Add ``headers`` to any domain error raised inside, so the widget can read it cross-origin."""
-    try:
-        yield
-    except DomainError as error:
-        error.headers = {**headers, **error.headers}
-        raise
 
 
 # -- config and preflight ---------------------------------------------------------------------------
@@ -122,9 +111,9 @@ async def widget_config(db: Database, *, key: str, origin: str | None) -> Served
     row = await queries.widget_config(db, key_hash=hash_key(key))
     if row is None:
         raise WidgetNotFound()
-    decision = cors.decide(origin, row.allowed_origins)
+    add_answer_headers(cors.decide(origin, row.allowed_origins).headers())
     config = WidgetConfig(display_name=row.display_name, greeting=row.greeting, theme=row.theme)
-    return Served(config, decision.headers(), str(row.org_id))
+    return Served(config, str(row.org_id))
 
 
 async def preflight(db: Database, *, key: str, origin: str | None) -> dict[str, str]:
@@ -184,43 +173,44 @@ async def chat(
     if context is None:
         raise WidgetNotFound()
     decision = cors.decide(origin, context.allowed_origins)
-    headers = decision.headers()
-    with _with_headers(headers):
-        # Limits first: a request with a bad token still counts, so guessing costs allowance too.
-        burst_pass = await _enforce_rate_limits(db, context, visitor_address_key(client_address), request_id)
-        conversation_id, visitor_id = _conversation(context, claims, token, request)
-        reply, status, items, result = await _answer(
-            db, context, conversation_id, request.message, request_id, burst_pass
-        )
-        stored = await queries.store_turn(
-            db,
-            conversation_id=conversation_id,
-            org_id=context.org_id,
-            agent_id=context.agent_id,
-            visitor_id=visitor_id,
-            origin=decision.origin,
-            messages=[
-                queries.NewMessage("visitor", request.message, received_at),
-                queries.NewMessage(
-                    "agent" if status == "answered" else "system",
-                    reply,
-                    datetime.now(UTC),
-                    model=result.model if result else None,
-                    prompt_tokens=result.prompt_tokens if result else None,
-                    completion_tokens=result.completion_tokens if result else None,
-                    usage_event_id=result.usage_event_id if result else None,
-                ),
-            ],
-            items=items,
-        )
-        if stored.messages == 0:
-            # The conversation changed hands between the read and the write; never write into it.
-            raise ConversationNotFound()
-        # Committed: now the queue may hear of the deliveries (a lost message is the sweeper's).
-        await outbox.announce(db, queue, stored.item_ids)
-        new_token, expires_at = visitor_tokens.issue(
-            conversation_id=conversation_id, agent_id=context.agent_id, visitor_id=visitor_id
-        )
+    add_answer_headers(decision.headers())
+    # Limits first: a request with a bad token still counts, so guessing costs allowance too.
+    burst_pass = await _enforce_rate_limits(db, context, visitor_address_key(client_address), request_id)
+    conversation_id, visitor_id = _conversation(context, claims, token, request)
+    reply, status, items, result = await _answer(db, context, conversation_id, request.message, request_id, burst_pass)
+    stored = await queries.store_turn(
+        db,
+        conversation_id=conversation_id,
+        org_id=context.org_id,
+        agent_id=context.agent_id,
+        visitor_id=visitor_id,
+        origin=decision.origin,
+        messages=[
+            queries.NewMessage("visitor", request.message, received_at),
+            queries.NewMessage(
+                "agent" if status == "answered" else "system",
+                reply,
+                datetime.now(UTC),
+                model=result.model if result else None,
+                prompt_tokens=result.prompt_tokens if result else None,
+                completion_tokens=result.completion_tokens if result else None,
+                usage_event_id=result.usage_event_id if result else None,
+            ),
+        ],
+        items=items,
+    )
+    if stored.messages == 0 or stored.token_generation is None:
+        # The conversation changed hands or was closed between the read and the write; never
+        # write into it.
+        raise ConversationNotFound()
+    # Committed: now the queue may hear of the deliveries (a lost message is the sweeper's).
+    await outbox.announce(db, queue, stored.item_ids)
+    new_token, expires_at = visitor_tokens.issue(
+        conversation_id=conversation_id,
+        agent_id=context.agent_id,
+        visitor_id=visitor_id,
+        generation=stored.token_generation,
+    )
     body = ChatReply(
         conversation_id=conversation_id,
         visitor_token=new_token,
@@ -228,7 +218,7 @@ async def chat(
         reply=reply,
         status=status,
     )
-    return Served(body, headers, str(context.org_id))
+    return Served(body, str(context.org_id))
 
 
 def _conversation(
@@ -251,6 +241,9 @@ def _conversation(
         raise ConversationNotFound()
     if context.conversation_status == "closed":
         raise ConversationClosed()
+    if claims.generation < (context.token_generation or 1) - 1:
+        # Superseded: a newer token was issued and used since (a stolen or left-behind copy).
+        raise ConversationNotFound()
     if (context.message_count or 0) + 2 > MAX_CONVERSATION_MESSAGES:
         raise ConversationFull(MAX_CONVERSATION_MESSAGES)
     return context.conversation_id, claims.visitor_id
@@ -344,18 +337,30 @@ async def _answer(
         escalation = reviews.escalation(reason="model_unavailable", summary=message, draft_reply="")
         return MODEL_FAILURE_REPLY, "handed_to_team", [escalation], None
 
+    items = review_items(result.tool_calls, request_id, context.org_id)
+    escalated = any(item.kind == "escalation" for item in items)
+    reply = result.content.strip() or own_reply(items)
+    return reply, "handed_to_team" if escalated else "answered", items, result
+
+
+def review_items(tool_calls: list[ToolCall], request_id: str, org_id: UUID) -> list[reviews.NewReviewItem]:
+    """The review items the model's tool calls ask for: invalid ones are logged and dropped, and a
+    turn makes at most one escalation."""
     items: list[reviews.NewReviewItem] = []
-    for call in result.tool_calls:
+    for call in tool_calls:
         item = reviews.from_tool_call(call)
         if item is None:
-            _log(request_id, context.org_id, "tool call ignored", f"{call.name}-invalid")
+            _log(request_id, org_id, "tool call ignored", f"{call.name}-invalid")
         elif item.kind != "escalation" or all(i.kind != "escalation" for i in items):
             items.append(item)
-    escalated = any(item.kind == "escalation" for item in items)
-    reply = result.content.strip()
-    if not reply:
-        reply = HANDED_OVER_REPLY if escalated else LEAD_NOTED_REPLY if items else EMPTY_REPLY
-    return reply, "handed_to_team" if escalated else "answered", items, result
+    return items
+
+
+def own_reply(items: list[reviews.NewReviewItem]) -> str:
+    """Our wording when the model wrote no text (it only called a tool, or said nothing)."""
+    if any(item.kind == "escalation" for item in items):
+        return HANDED_OVER_REPLY
+    return LEAD_NOTED_REPLY if items else EMPTY_REPLY
 
 
 async def _knowledge(

@@ -6,9 +6,12 @@ is only honoured inside a token signed with ``WIDGET_TOKEN_SECRET`` that names t
 
 Format: ``hh_vt_`` + a JWT (HS256, PyJWT) with ``aud`` ``hiredhands:widget-visitor``, ``iss``
 ``hiredhands``, ``sub`` the visitor id, ``cid`` the conversation id, ``aid`` the agent id, and
-``iat``/``exp``, signed with a key derived from the secret for this purpose only. Every reply
-carries a fresh token, so a conversation stays open while the visitor keeps talking and expires
-``TOKEN_TTL`` after the last message. The prefix lets the log redaction recognise the token anywhere.
+``gen`` the conversation's token generation, ``iat``/``exp``, signed with a key derived from the
+secret for this purpose only. Every reply carries a fresh token, so a conversation stays open while
+the visitor keeps talking and expires ``TOKEN_TTL`` after the last message. A newer token
+supersedes older ones: the chat accepts only the current generation and the one before (checked
+against the conversation's row, docs/widget.md), and closing the conversation revokes them all.
+The prefix lets the log redaction recognise the token anywhere.
 Only HS256 is accepted (no ``none``, no key confusion), every claim is required, and any failure
 is the same ``None``: the caller cannot be told which check failed.
 """
@@ -31,7 +34,7 @@ ISSUER = "hiredhands"
 ALGORITHM = "HS256"
 TOKEN_TTL = timedelta(hours=24)
 MAX_TOKEN_CHARS = 1024
-_REQUIRED = ["aud", "iss", "sub", "cid", "aid", "iat", "exp"]
+_REQUIRED = ["aud", "iss", "sub", "cid", "aid", "gen", "iat", "exp"]
 _KEY_PURPOSE = b"hiredhands widget visitor token v1"
 
 
@@ -42,6 +45,8 @@ class VisitorClaims:
     visitor_id: str
     expires_at: int
     """Unix seconds."""
+    generation: int
+    """The conversation's token generation when the token was issued."""
 
 
 def signing_key() -> bytes:
@@ -57,8 +62,10 @@ def new_visitor_id() -> str:
     return "v_" + uuid.uuid4().hex
 
 
-def issue(*, conversation_id: UUID, agent_id: UUID, visitor_id: str, now: float | None = None) -> tuple[str, int]:
-    """A token for this conversation and its expiry (unix seconds)."""
+def issue(
+    *, conversation_id: UUID, agent_id: UUID, visitor_id: str, generation: int, now: float | None = None
+) -> tuple[str, int]:
+    """A token for this conversation at this token generation, and its expiry (unix seconds)."""
     issued_at = int(now if now is not None else time.time())
     expires_at = issued_at + int(TOKEN_TTL.total_seconds())
     claims = {
@@ -67,6 +74,7 @@ def issue(*, conversation_id: UUID, agent_id: UUID, visitor_id: str, now: float 
         "sub": visitor_id,
         "cid": str(conversation_id),
         "aid": str(agent_id),
+        "gen": generation,
         "iat": issued_at,
         "exp": expires_at,
     }
@@ -98,6 +106,13 @@ def verify(token: str) -> VisitorClaims | None:
             agent_id=UUID(str(claims["aid"])),
             visitor_id=str(claims["sub"]),
             expires_at=int(claims["exp"]),
+            generation=_generation(claims["gen"]),
         )
     except (jwt.PyJWTError, ValueError, TypeError):
         return None
+
+
+def _generation(value: object) -> int:
+    if type(value) is not int or not 1 <= value <= 2**31 - 1:
+        raise ValueError("gen")
+    return value

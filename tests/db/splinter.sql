@@ -7,6 +7,7 @@
 -- levels and conditions, rewritten as one query returning (name, level, detail).
 --
 -- Lints included (number_name: level):
+--   0001 unindexed_foreign_keys: INFO
 --   0002 auth_users_exposed: ERROR              0013 rls_disabled_in_public: ERROR
 --   0003 auth_rls_initplan: WARN                0014 extension_in_public: WARN
 --   0006 multiple_permissive_policies: WARN     0015 rls_references_user_metadata: ERROR
@@ -157,6 +158,27 @@ select 'policy_exists_rls_disabled', 'ERROR',
    and not r.relrowsecurity
    and not r.is_system
    and exists (select 1 from pg_catalog.pg_policy as p where p.polrelid = r.oid)
+
+union all
+-- 0001 unindexed_foreign_keys (INFO): a foreign key with no valid index whose leading columns are
+-- the key's columns in the key's order (splinter's condition), so a delete or key update on the
+-- parent scans the child.
+select 'unindexed_foreign_keys', 'INFO',
+       format('Foreign key %I on table %I.%I has no covering index', ct.conname, n.nspname, c.relname)
+  from pg_catalog.pg_constraint as ct
+  join pg_catalog.pg_class as c on c.oid = ct.conrelid
+  join pg_catalog.pg_namespace as n on n.oid = c.relnamespace
+ where ct.contype = 'f'
+   and n.nspname not in (select nspname from system_schemas)
+   and c.oid not in (select objid from ext_objects)
+   and not exists (
+     select 1
+       from pg_catalog.pg_index as i
+      where i.indrelid = ct.conrelid
+        and i.indisvalid
+        and i.indpred is null
+        and (string_to_array(i.indkey::text, ' ')::smallint[])[1:array_length(ct.conkey, 1)] = ct.conkey
+   )
 
 union all
 -- 0008 rls_enabled_no_policy (INFO): RLS on and no policy: nobody but a BYPASSRLS role reads it.

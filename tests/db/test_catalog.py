@@ -147,8 +147,66 @@ async def test_database_linter_finds_no_error_or_warning(db: Connection):
         findings = await (await db.execute(LINTS.read_text())).fetchall()
     serious = [f for f in findings if f["level"] in ("ERROR", "WARN")]
     assert not serious, f"database linter findings: {serious}"
-    # The one expected INFO: the credentials table has RLS and deliberately no policy.
-    assert {(f["name"], f["level"]) for f in findings} <= {("rls_enabled_no_policy", "INFO")}
+    # The expected INFOs: the credentials table has RLS and deliberately no policy, and the foreign
+    # keys that keep the index they have (next test).
+    assert {(f["name"], f["level"]) for f in findings} <= {
+        ("rls_enabled_no_policy", "INFO"),
+        ("unindexed_foreign_keys", "INFO"),
+    }
+
+
+# Foreign keys whose child already has an index leading with the key's first column that is unique
+# or carries the order the hot query reads; why each keeps it is in
+# supabase/migrations/20261204030300_index_composite_foreign_keys.sql.
+FOREIGN_KEYS_COVERED_BY_THEIR_FIRST_COLUMN = {
+    "messages_conversation_fkey": "messages_conversation_id_created_at_idx",
+    "deliveries_review_item_fkey": "deliveries_review_item_id_connection_id_key",
+    "connection_credentials_connection_fkey": "connection_credentials_pkey",
+}
+
+
+async def test_every_foreign_key_has_a_covering_index(db: Connection):
+    """A new foreign key without an index in its own column order fails here (Supabase's lint 0001)."""
+    await db.execute("reset role")
+    async with db.transaction(force_rollback=True):
+        await db.execute(sql.SQL("set local pgrst.db_schemas = {}").format(sql.Literal(",".join(EXPOSED_SCHEMAS))))
+        findings = await (await db.execute(LINTS.read_text())).fetchall()
+    unindexed = {
+        f["detail"].split(" ")[2].strip('"') for f in findings if f["name"] == "unindexed_foreign_keys"
+    }
+    assert unindexed == set(FOREIGN_KEYS_COVERED_BY_THEIR_FIRST_COLUMN), (
+        f"foreign keys without a covering index: {sorted(unindexed - set(FOREIGN_KEYS_COVERED_BY_THEIR_FIRST_COLUMN))}"
+    )
+    # The exceptions hold only while their index still leads with the key's first column.
+    rows = await (
+        await db.execute(
+            """
+            select ct.conname, ic.relname as index_name
+              from pg_catalog.pg_constraint as ct
+              join pg_catalog.pg_index as i on i.indrelid = ct.conrelid and i.indisvalid and i.indkey[0] = ct.conkey[1]
+              join pg_catalog.pg_class as ic on ic.oid = i.indexrelid
+             where ct.contype = 'f' and ct.conname = any(%s)
+            """,
+            (list(FOREIGN_KEYS_COVERED_BY_THEIR_FIRST_COLUMN),),
+        )
+    ).fetchall()
+    found = {(r["conname"], r["index_name"]) for r in rows}
+    assert set(FOREIGN_KEYS_COVERED_BY_THEIR_FIRST_COLUMN.items()) <= found, found
+
+
+async def test_the_foreign_key_lint_reports_a_key_without_an_index(db: Connection):
+    """The lint is not vacuous: a new child table referencing an agent by (id, org) is reported."""
+    await db.execute("reset role")
+    async with db.transaction(force_rollback=True):
+        await db.execute(
+            "create table public.lint_probe (id bigint primary key, agent_id uuid, org_id uuid,"
+            " constraint lint_probe_agent_fkey foreign key (agent_id, org_id) references public.agents (id, org_id))"
+        )
+        await db.execute("create index lint_probe_org_agent_idx on public.lint_probe (org_id, agent_id)")
+        findings = await (await db.execute(LINTS.read_text())).fetchall()
+    assert any(
+        f["name"] == "unindexed_foreign_keys" and "lint_probe_agent_fkey" in f["detail"] for f in findings
+    ), "an index in another column order does not cover the key"
 
 
 async def test_the_catalog_sees_every_tenant_table(db: Connection):

@@ -116,10 +116,16 @@ class FakeStripe:
     requests: list[httpx.Request] = field(default_factory=list)
     failing: int | None = None  # answer every request with this status
     on_retrieve: SubscriptionHook | None = None  # replaces the stored answer (delays, races)
+    checkout_sessions: dict[str, dict[str, Any]] = field(default_factory=dict)
+    create_delay: float = 0.0  # seconds a checkout session create takes (to make starts overlap)
     _idempotent: dict[str, dict[str, Any]] = field(default_factory=dict)
+    _idempotent_params: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def calls(self, method: str, path_prefix: str) -> list[httpx.Request]:
         return [r for r in self.requests if r.method == method and r.url.path.startswith(path_prefix)]
+
+    def session_creates(self) -> list[httpx.Request]:
+        return [r for r in self.requests if r.method == "POST" and r.url.path == "/v1/checkout/sessions"]
 
     def put(self, sub: dict[str, Any]) -> dict[str, Any]:
         self.subscriptions[sub["id"]] = sub
@@ -164,25 +170,69 @@ class FakeStripe:
         data = [{"id": self.prices[k], "object": "price", "lookup_key": k} for k in keys if k in self.prices]
         return httpx.Response(200, json={"object": "list", "data": data[:1], "has_more": False, "url": "/v1/prices"})
 
-    def _create_checkout_session(self, request: httpx.Request) -> httpx.Response:
+    async def _create_checkout_session(self, request: httpx.Request) -> httpx.Response:
+        """Stripe's idempotency: a key seen before replays its first answer when the parameters are
+        the same and is an ``idempotency_error`` when they differ."""
         self.requests.append(request)
         if self.failing:
             return _error(self.failing, "Something went wrong on Stripe's end.")
         params = form(request)
+        key = request.headers.get("idempotency-key")
+        if key and key in self._idempotent:
+            if self._idempotent_params[key] != params:
+                return httpx.Response(
+                    400,
+                    json={"error": {"type": "idempotency_error", "message": "Keys for idempotent requests can only "
+                                    "be used with the same parameters they were first used with."}},
+                )
+            return httpx.Response(200, json=self._idempotent[key], headers={"Idempotent-Replayed": "true"})
+        if key:
+            self._idempotent[key] = {}  # reserved while the create runs, as Stripe locks the key
+            self._idempotent_params[key] = params
         if params.get("customer") not in self.customers:
             return _error(400, f"No such customer: '{params.get('customer')}'", "resource_missing")
+        if self.create_delay:
+            await asyncio.sleep(self.create_delay)
         session_id = stripe_id("cs_test")
-        return httpx.Response(
-            200,
-            json={
-                "id": session_id,
-                "object": "checkout.session",
-                "mode": params.get("mode"),
-                "customer": params.get("customer"),
-                "client_reference_id": params.get("client_reference_id"),
-                "url": f"https://checkout.stripe.test/c/pay/{session_id}",
-            },
-        )
+        session = {
+            "id": session_id,
+            "object": "checkout.session",
+            "mode": params.get("mode"),
+            "status": "open",
+            "customer": params.get("customer"),
+            "client_reference_id": params.get("client_reference_id"),
+            "expires_at": int(params["expires_at"]) if "expires_at" in params else None,
+            "url": f"https://checkout.stripe.test/c/pay/{session_id}",
+        }
+        self.checkout_sessions[session_id] = session
+        if key:
+            self._idempotent[key] = session
+        return httpx.Response(200, json=session)
+
+    def _retrieve_checkout_session(self, request: httpx.Request, session_id: str) -> httpx.Response:
+        self.requests.append(request)
+        if self.failing:
+            return _error(self.failing, "Something went wrong on Stripe's end.")
+        found = self.checkout_sessions.get(session_id)
+        if found is None:
+            return _error(404, f"No such checkout.session: '{session_id}'", "resource_missing")
+        return httpx.Response(200, json=found)
+
+    def _expire_checkout_session(self, request: httpx.Request, session_id: str) -> httpx.Response:
+        self.requests.append(request)
+        if self.failing:
+            return _error(self.failing, "Something went wrong on Stripe's end.")
+        found = self.checkout_sessions.get(session_id)
+        if found is None:
+            return _error(404, f"No such checkout.session: '{session_id}'", "resource_missing")
+        if found["status"] != "open":
+            return _error(400, "Only Checkout Sessions with a status of `open` can be expired.")
+        found["status"] = "expired"
+        found["url"] = None
+        return httpx.Response(200, json=found)
+
+    def open_sessions(self) -> list[dict[str, Any]]:
+        return [s for s in self.checkout_sessions.values() if s["status"] == "open"]
 
     def _create_portal_session(self, request: httpx.Request) -> httpx.Response:
         self.requests.append(request)
@@ -212,7 +262,15 @@ def fake_stripe() -> Iterator[FakeStripe]:
         router.post("/v1/customers").mock(side_effect=fake._create_customer)
         router.get("/v1/prices").mock(side_effect=fake._list_prices)
         router.post("/v1/checkout/sessions").mock(side_effect=fake._create_checkout_session)
+        router.get(path__regex=r"^/v1/checkout/sessions/(?P<session_id>[^/]+)$").mock(
+            side_effect=fake._retrieve_checkout_session
+        )
+        router.post(path__regex=r"^/v1/checkout/sessions/(?P<session_id>[^/]+)/expire$").mock(
+            side_effect=fake._expire_checkout_session
+        )
         router.post("/v1/billing_portal/sessions").mock(side_effect=fake._create_portal_session)
+        # Everything else (the Redis REST bridge, loopback fakes) is not Stripe's: let it through.
+        router.route(host__regex=r"^(?!stripe\.test$)").pass_through()
         yield fake
 
 

@@ -107,7 +107,7 @@ class TestCheckout:
 
         assert response.status_code == 200, response.text
         assert response.json()["url"].startswith("https://checkout.stripe.test/c/pay/cs_test_")
-        [session] = stripe_api.calls("POST", "/v1/checkout/sessions")
+        [session] = stripe_api.session_creates()
         params = form(session)
         customer = await stored_customer(db, org["id"])
         assert params["mode"] == "subscription"
@@ -127,7 +127,7 @@ class TestCheckout:
         [lookup] = stripe_api.calls("GET", "/v1/prices")
         assert "hiredhands_starter_monthly" in str(lookup.url)
         assert (
-            form(stripe_api.calls("POST", "/v1/checkout/sessions")[0])["line_items[0][price]"] == "price_starter_live"
+            form(stripe_api.session_creates()[0])["line_items[0][price]"] == "price_starter_live"
         )
 
     async def test_the_customer_is_created_once_and_reused(
@@ -140,7 +140,7 @@ class TestCheckout:
         [created] = stripe_api.calls("POST", "/v1/customers")
         assert created.headers["idempotency-key"] == f"hiredhands-customer-{org['id']}"
         assert form(created)["metadata[org_id]"] == str(org["id"])
-        customers = {form(r)["customer"] for r in stripe_api.calls("POST", "/v1/checkout/sessions")}
+        customers = {form(r)["customer"] for r in stripe_api.session_creates()}
         assert customers == {await stored_customer(db, org["id"])}
 
     async def test_a_stored_customer_is_never_replaced(self, db: Connection, org: dict[str, Any]) -> None:
@@ -164,7 +164,7 @@ class TestCheckout:
                     "select stripe_customer_id from public.billing_accounts where org_id = %s", (org["id"],)
                 )
             ).fetchone()
-            sessions = {form(r)["customer"] for r in stripe_api.calls("POST", "/v1/checkout/sessions")}
+            sessions = {form(r)["customer"] for r in stripe_api.session_creates()}
             assert stored is not None
             assert sessions == {stored["stripe_customer_id"]}
             assert len(stripe_api.customers) == 1, "Stripe holds more than one customer for the organization"
@@ -218,7 +218,7 @@ class TestCheckout:
         response = await checkout(client, org["owner"], org_id=str(org["id"]), plan="pro")
         assert response.status_code == 200
         assert stripe_api.calls("POST", "/v1/customers") == []
-        assert form(stripe_api.calls("POST", "/v1/checkout/sessions")[0])["customer"] == "cus_returning"
+        assert form(stripe_api.session_creates()[0])["customer"] == "cus_returning"
 
     async def test_stripe_down_is_a_503_and_no_customer_is_stored(
         self, client: httpx.AsyncClient, db: Connection, org: dict[str, Any], stripe_api: FakeStripe
@@ -235,7 +235,7 @@ class TestCheckout:
         stripe_api.prices.clear()
         response = await checkout(client, org["owner"], org_id=str(org["id"]), plan="pro")
         assert response.status_code == 503
-        assert stripe_api.calls("POST", "/v1/checkout/sessions") == []
+        assert stripe_api.session_creates() == []
 
     async def test_stripe_not_configured_is_a_503(
         self, client: httpx.AsyncClient, org: dict[str, Any], stripe_env: pytest.MonkeyPatch
@@ -378,8 +378,186 @@ class TestOneCustomerPerOrganization:
         assert first_customer
         assert second_customer
         assert first_customer != second_customer
-        sessions = [form(r) for r in stripe_api.calls("POST", "/v1/checkout/sessions")]
+        sessions = [form(r) for r in stripe_api.session_creates()]
         assert [(s["customer"], s["client_reference_id"]) for s in sessions] == [
             (first_customer, str(org["id"])),
             (second_customer, str(second["id"])),
         ]
+
+
+async def checkout_row(db: Connection, org_id: uuid.UUID) -> dict[str, Any]:
+    await db.execute("reset role")
+    row = await (
+        await db.execute(
+            "select checkout_attempt, checkout_plan, checkout_session_id, checkout_url, checkout_claimed_at,"
+            " checkout_expires_at from public.billing_accounts where org_id = %s",
+            (org_id,),
+        )
+    ).fetchone()
+    assert row is not None
+    return dict(row)
+
+
+class TestOneOpenCheckoutPerOrganization:
+    async def test_a_second_start_for_the_same_plan_gets_the_same_session(
+        self, client: httpx.AsyncClient, db: Connection, org: dict[str, Any], stripe_api: FakeStripe
+    ) -> None:
+        first = await checkout(client, org["owner"], org_id=str(org["id"]), plan="pro")
+        second = await checkout(client, org["admin"], org_id=str(org["id"]), plan="pro")
+
+        assert first.json()["url"] == second.json()["url"]
+        [create] = stripe_api.session_creates()
+        assert create.headers["idempotency-key"] == f"hiredhands-checkout-{org['id']}-1"
+        row = await checkout_row(db, org["id"])
+        assert (row["checkout_attempt"], row["checkout_plan"]) == (1, "pro")
+        assert int(form(create)["expires_at"]) == int(row["checkout_expires_at"].timestamp())
+
+    async def test_another_plan_expires_the_previous_session_first(
+        self, client: httpx.AsyncClient, db: Connection, org: dict[str, Any], stripe_api: FakeStripe
+    ) -> None:
+        first = await checkout(client, org["owner"], org_id=str(org["id"]), plan="pro")
+        second = await checkout(client, org["owner"], org_id=str(org["id"]), plan="starter")
+
+        assert first.json()["url"] != second.json()["url"]
+        assert [s["url"] for s in stripe_api.open_sessions()] == [second.json()["url"]]
+        creates = stripe_api.session_creates()
+        assert [c.headers["idempotency-key"] for c in creates] == [
+            f"hiredhands-checkout-{org['id']}-1",
+            f"hiredhands-checkout-{org['id']}-2",
+        ]
+        expire = stripe_api.calls("POST", "/v1/checkout/sessions/")
+        assert len(expire) == 1
+        assert expire[0].url.path.endswith("/expire")
+        assert stripe_api.requests.index(expire[0]) < stripe_api.requests.index(creates[1])
+
+    async def test_a_session_close_to_expiry_is_replaced(
+        self, client: httpx.AsyncClient, db: Connection, org: dict[str, Any], stripe_api: FakeStripe
+    ) -> None:
+        first = await checkout(client, org["owner"], org_id=str(org["id"]), plan="pro")
+        await db.execute(
+            "update public.billing_accounts set checkout_expires_at = now() + interval '5 minutes' where org_id = %s",
+            (org["id"],),
+        )
+        second = await checkout(client, org["owner"], org_id=str(org["id"]), plan="pro")
+        assert second.json()["url"] != first.json()["url"]
+        assert [s["url"] for s in stripe_api.open_sessions()] == [second.json()["url"]]
+
+    async def test_a_paid_previous_session_is_a_409_and_no_new_session(
+        self, client: httpx.AsyncClient, db: Connection, org: dict[str, Any], stripe_api: FakeStripe
+    ) -> None:
+        await checkout(client, org["owner"], org_id=str(org["id"]), plan="pro")
+        [session] = stripe_api.checkout_sessions.values()
+        session["status"] = "complete"  # paid; the webhook has not arrived yet
+
+        response = await checkout(client, org["owner"], org_id=str(org["id"]), plan="starter")
+        assert response.status_code == 409
+        assert response.json()["type"].endswith("/checkout-completed")
+        assert len(stripe_api.session_creates()) == 1
+
+    async def test_a_failed_create_releases_the_attempt_and_the_next_start_uses_a_new_key(
+        self, client: httpx.AsyncClient, db: Connection, org: dict[str, Any], stripe_api: FakeStripe
+    ) -> None:
+        await checkout(client, org["owner"], org_id=str(org["id"]), plan="pro")  # creates the customer
+        await db.execute(
+            "update public.billing_accounts set checkout_plan = null, checkout_expires_at = null,"
+            " checkout_session_id = null, checkout_url = null where org_id = %s",
+            (org["id"],),
+        )
+        stripe_api.failing = 500
+        failed = await checkout(client, org["owner"], org_id=str(org["id"]), plan="pro")
+        assert failed.status_code == 503
+        assert failed.headers["retry-after"]
+        row = await checkout_row(db, org["id"])
+        assert (row["checkout_attempt"], row["checkout_plan"], row["checkout_claimed_at"]) == (2, None, None)
+
+        stripe_api.failing = None
+        retried = await checkout(client, org["owner"], org_id=str(org["id"]), plan="pro")
+        assert retried.status_code == 200
+        # Stripe replays a saved 500 for the key it was given, so the retry must not reuse it.
+        assert stripe_api.session_creates()[-1].headers["idempotency-key"] == f"hiredhands-checkout-{org['id']}-3"
+
+    async def test_a_start_that_died_after_stripe_answered_is_taken_over_with_the_same_key(
+        self, client: httpx.AsyncClient, db: Connection, org: dict[str, Any], stripe_api: FakeStripe
+    ) -> None:
+        first = await checkout(client, org["owner"], org_id=str(org["id"]), plan="pro")
+        # As if that start had died between Stripe's answer and storing the session.
+        await db.execute(
+            "update public.billing_accounts set checkout_session_id = null, checkout_url = null,"
+            " checkout_claimed_at = now() - interval '1 minute' where org_id = %s",
+            (org["id"],),
+        )
+        second = await checkout(client, org["owner"], org_id=str(org["id"]), plan="pro")
+
+        assert second.json()["url"] == first.json()["url"]
+        keys = [c.headers["idempotency-key"] for c in stripe_api.session_creates()]
+        assert keys == [f"hiredhands-checkout-{org['id']}-1"] * 2
+        assert len(stripe_api.checkout_sessions) == 1, "Stripe holds a second session"
+
+    async def test_a_start_for_another_plan_while_one_is_being_created_is_a_409(
+        self, client: httpx.AsyncClient, db: Connection, org: dict[str, Any], stripe_api: FakeStripe
+    ) -> None:
+        await checkout(client, org["owner"], org_id=str(org["id"]), plan="pro")
+        await db.execute(
+            "update public.billing_accounts set checkout_session_id = null, checkout_url = null,"
+            " checkout_claimed_at = now() where org_id = %s",
+            (org["id"],),
+        )
+        response = await checkout(client, org["owner"], org_id=str(org["id"]), plan="starter")
+        assert response.status_code == 409
+        assert response.json()["type"].endswith("/checkout-in-progress")
+        assert response.headers["retry-after"] == "2"
+
+    @pytest.mark.usefixtures("committed_db")
+    @pytest.mark.parametrize("starts", [2, 8])
+    async def test_concurrent_starts_create_one_session(
+        self, admin_url: str, stripe_api: FakeStripe, starts: int
+    ) -> None:
+        """A real race: separate requests, the real pool, Stripe slow enough that they overlap."""
+        stripe_api.create_delay = 0.3
+        async with await psycopg.AsyncConnection.connect(admin_url, autocommit=True, row_factory=dict_row) as admin:
+            org = await create_org(admin)
+            admin_user = await add_member(admin, org, role="admin")
+            transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+                responses = await asyncio.gather(
+                    *(
+                        checkout(c, org["owner"] if i % 2 else admin_user, org_id=str(org["id"]), plan="pro")
+                        for i in range(starts)
+                    )
+                )
+            try:
+                assert [r.status_code for r in responses] == [200] * starts, [r.text for r in responses]
+                assert len({r.json()["url"] for r in responses}) == 1
+                assert len(stripe_api.checkout_sessions) == 1, "two checkout sessions for one organization"
+                assert len(stripe_api.session_creates()) == 1
+                stored = await (
+                    await admin.execute(
+                        "select checkout_url, checkout_attempt from public.billing_accounts where org_id = %s",
+                        (org["id"],),
+                    )
+                ).fetchone()
+                assert stored == {"checkout_url": responses[0].json()["url"], "checkout_attempt": 1}
+            finally:
+                await admin.execute("delete from public.organizations where id = %s", (org["id"],))
+
+    @pytest.mark.usefixtures("committed_db")
+    async def test_concurrent_starts_for_two_plans_leave_one_open_session(
+        self, admin_url: str, stripe_api: FakeStripe
+    ) -> None:
+        stripe_api.create_delay = 0.2
+        async with await psycopg.AsyncConnection.connect(admin_url, autocommit=True, row_factory=dict_row) as admin:
+            org = await create_org(admin)
+            transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+                responses = await asyncio.gather(
+                    *(checkout(c, org["owner"], org_id=str(org["id"]), plan=plan) for plan in ("pro", "starter") * 3)
+                )
+            try:
+                statuses = sorted(r.status_code for r in responses)
+                assert set(statuses) <= {200, 409}
+                assert 200 in statuses
+                refused = [r.json()["type"] for r in responses if r.status_code == 409]
+                assert all(t.endswith("/checkout-in-progress") for t in refused)
+                assert len(stripe_api.open_sessions()) == 1
+            finally:
+                await admin.execute("delete from public.organizations where id = %s", (org["id"],))

@@ -17,9 +17,11 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from psycopg.rows import dict_row
 
-from functions.stripe_webhook import app
+from functions.external.stripe_webhook import app
 from shared.billing.plans import FREE, PRO, STARTER
 from shared.billing.signature import TOLERANCE_SECONDS
 from shared.billing.stripe_client import close_stripe_clients
@@ -372,6 +374,34 @@ class TestEffects:
         assert response.json()["outcome"] == "no-subscription"
         assert stripe_api.requests == []
 
+    async def test_a_completed_checkout_is_no_longer_the_organizations_open_one(
+        self, client: httpx.AsyncClient, db: Connection, org: dict[str, Any], stripe_api: FakeStripe
+    ) -> None:
+        sub = stripe_api.put(subscription(customer=org["customer"]))
+        session_id = stripe_id("cs_test")
+        await db.execute(
+            "update public.billing_accounts set checkout_attempt = 1, checkout_plan = 'pro',"
+            " checkout_expires_at = now() + interval '1 hour', checkout_claimed_at = now(),"
+            " checkout_session_id = %s, checkout_url = 'https://checkout.stripe.test/c/pay/x' where org_id = %s",
+            (session_id, org["id"]),
+        )
+        session = {
+            "id": session_id,
+            "object": "checkout.session",
+            "mode": "subscription",
+            "customer": org["customer"],
+            "subscription": sub["id"],
+            "client_reference_id": str(org["id"]),
+        }
+        assert (await deliver(client, event("checkout.session.completed", session))).json()["outcome"] == "applied"
+        row = await one(
+            db,
+            "select checkout_session_id, checkout_plan, checkout_attempt from public.billing_accounts"
+            " where org_id = %s",
+            org["id"],
+        )
+        assert row == {"checkout_session_id": None, "checkout_plan": None, "checkout_attempt": 1}
+
     async def test_a_price_that_is_not_ours_records_the_status_and_keeps_the_plan(
         self, client: httpx.AsyncClient, db: Connection, org: dict[str, Any], stripe_api: FakeStripe
     ) -> None:
@@ -638,3 +668,126 @@ class TestFailures:
         await db.execute("drop trigger refuse on public.organization_limits")
         assert (await deliver(client, body)).json()["outcome"] == "applied"
         assert (await state(db, org["id"]))["limits_plan"] == "pro"
+
+
+# -- the ledger keeps ids, never payloads ---------------------------------------------------------
+
+CARD_DETAILS = ("visa", "4242", "2031", "fp_Secret9Fingerprint", "Jane Payer", "jane@example.test", "Elm Street 12")
+
+
+def charge_succeeded(customer: str) -> dict[str, Any]:
+    """A charge as Stripe sends it: the card's brand, last four, expiry, fingerprint, billing details."""
+    return {
+        "id": stripe_id("ch"),
+        "object": "charge",
+        "customer": customer,
+        "amount": 2500,
+        "billing_details": {
+            "name": "Jane Payer",
+            "email": "jane@example.test",
+            "address": {"line1": "Elm Street 12", "postal_code": "90210"},
+        },
+        "payment_method_details": {
+            "type": "card",
+            "card": {
+                "brand": "visa",
+                "last4": "4242",
+                "exp_month": 12,
+                "exp_year": 2031,
+                "fingerprint": "fp_Secret9Fingerprint",
+            },
+        },
+    }
+
+
+async def ledger_row_text(db: Connection, event_id: str) -> str:
+    """The whole stored row, every column, as text."""
+    await db.execute("reset role")
+    row = await (
+        await db.execute("select to_jsonb(e)::text as row from public.stripe_events as e where e.id = %s", (event_id,))
+    ).fetchone()
+    assert row is not None, "the event was not recorded"
+    return str(row["row"])
+
+
+class TestTheLedgerKeepsOnlyIds:
+    async def test_a_charge_is_recorded_with_its_ids_and_none_of_its_card_details(
+        self, client: httpx.AsyncClient, db: Connection, org: dict[str, Any]
+    ) -> None:
+        charge = charge_succeeded(org["customer"])
+        body = event("charge.succeeded", charge)
+        response = await deliver(client, body)
+
+        assert response.json()["outcome"] == "ignored-event-type"
+        stored = await one(
+            db,
+            "select type, object_type, object_id, customer_id, subscription_id, outcome from public.stripe_events"
+            " where id = %s",
+            event_id_of(body),
+        )
+        assert stored == {
+            "type": "charge.succeeded",
+            "object_type": "charge",
+            "object_id": charge["id"],
+            "customer_id": org["customer"],
+            "subscription_id": None,
+            "outcome": "ignored-event-type",
+        }
+        text = await ledger_row_text(db, event_id_of(body))
+        for detail in CARD_DETAILS:
+            assert detail not in text.replace(charge["id"], "").replace(event_id_of(body), ""), detail
+
+    async def test_an_invoice_keeps_its_subscription_and_customer(
+        self, client: httpx.AsyncClient, db: Connection, org: dict[str, Any], stripe_api: FakeStripe
+    ) -> None:
+        sub = stripe_api.put(subscription(customer=org["customer"]))
+        invoice = {
+            "id": stripe_id("in"),
+            "object": "invoice",
+            "customer": org["customer"],
+            "customer_email": "jane@example.test",
+            "parent": {"subscription_details": {"subscription": sub["id"]}},
+        }
+        body = event("invoice.paid", invoice)
+        assert (await deliver(client, body)).json()["outcome"] == "applied"
+        stored = await one(
+            db,
+            "select object_type, object_id, customer_id, subscription_id from public.stripe_events where id = %s",
+            event_id_of(body),
+        )
+        assert stored == {
+            "object_type": "invoice",
+            "object_id": invoice["id"],
+            "customer_id": org["customer"],
+            "subscription_id": sub["id"],
+        }
+        assert "jane@example.test" not in await ledger_row_text(db, event_id_of(body))
+
+    @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(
+        event_type=st.from_regex(r"\A[a-z]{3,12}\.[a-z_]{3,20}\Z"),
+        contents=st.dictionaries(
+            st.text(min_size=1, max_size=12),
+            st.recursive(
+                st.none() | st.booleans() | st.integers() | st.text(max_size=30),
+                lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+                max_leaves=12,
+            ),
+            max_size=6,
+        ),
+        id_field=st.sampled_from(["customer", "subscription", "id", "object"]),
+    )
+    async def test_no_part_of_any_events_contents_is_stored(
+        self, client: httpx.AsyncClient, db: Connection, event_type: str, contents: dict[str, Any], id_field: str
+    ) -> None:
+        """Whatever an event carries, and even a secret put where an id belongs, stays out of the row."""
+        marker = "Zq" + uuid.uuid4().hex[:12] + "Private"
+        obj = {**contents, "id": stripe_id("obj"), "object": "thing", "private": marker}
+        obj[id_field] = {"id": marker, "name": marker} if id_field != "object" else marker + " type"
+        body = event(event_type, obj)
+        response = await deliver(client, body)
+
+        assert response.status_code == 200, response.text
+        text = await ledger_row_text(db, event_id_of(body))
+        assert marker not in text
+        await db.execute("delete from public.stripe_events where id = %s", (event_id_of(body),))

@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -23,6 +24,8 @@ import psycopg
 import pytest
 import redis
 from fastapi import FastAPI
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from psycopg import AsyncConnection
 from psycopg.rows import dict_row
 
@@ -30,11 +33,14 @@ from shared.db.errors import map_db_errors
 from shared.db.pool import close_pools
 from shared.db.session import as_user, get_database
 from shared.gateway import CAPTURE_LEAD, ESCALATE, close_clients
+from shared.gateway.schemas import MAX_REPLY_CHARS
+from shared.gateway.service import CLIPPED_NOTE
 from shared.redis import close_redis, get_redis
 from shared.settings import get_settings
-from shared.widget import visitor_tokens
+from shared.widget import queries, visitor_tokens
 from shared.widget.schemas import MAX_CONVERSATION_MESSAGES, MAX_MESSAGE_CHARS
 from shared.widget.service import MODEL_FAILURE_REPLY
+from tests.card_data import every_body, free_text_with_card, pans
 from tests.conftest import (
     Connection,
     TransactionDatabase,
@@ -45,6 +51,7 @@ from tests.conftest import (
     without_generated_ids,
 )
 from tests.factories import add_member, closed_port, create_agent, create_org, user_claims
+from tests.fakes.hung_peer import hung_peer
 from tests.fakes.openai_server import FakeOpenAI, running_fake_openai
 
 ORIGIN = "https://shop.example"
@@ -90,7 +97,7 @@ def online(configure: Configure, fake_openai: FakeOpenAI) -> FakeOpenAI:
 @pytest.fixture
 async def app() -> FastAPI:
     # Imported on the running loop: Mangum's constructor creates an event loop when none is running.
-    module = importlib.import_module("functions.widget_chat")
+    module = importlib.import_module("functions.external.widget_chat")
     function_app: FastAPI = module.app
     return function_app
 
@@ -222,6 +229,7 @@ def forged_token(
         "sub": "v_attacker",
         "cid": str(conversation_id),
         "aid": str(agent_id),
+        "gen": 1,
         "iat": now,
         "exp": now + exp_offset,
     }
@@ -477,6 +485,84 @@ class TestVisitorTokens:
         assert response.status_code == 409
         assert problem(response)["type"].endswith("/conversation-closed")
 
+    async def test_a_superseded_token_stops_working_once_a_newer_one_was_used(
+        self, db: Connection, client: httpx.AsyncClient, make_widget: Callable[..., Any]
+    ) -> None:
+        """A token left behind (a shared computer, a copied request) is dead one message later."""
+        widget = await make_widget()
+        first = (await send(client, widget, "My order number is 4411")).json()
+        second = (await send(client, widget, "and?", token=first["visitor_token"])).json()
+        third = await send(client, widget, "and then?", token=second["visitor_token"])
+        assert third.status_code == 200, third.text
+
+        stolen = await send(client, widget, "what was my order number?", token=first["visitor_token"])
+
+        assert stolen.status_code == 404
+        assert problem(stolen)["type"].endswith("/conversation-not-found")
+        assert "4411" not in stolen.text
+        [conversation] = await rows(
+            db, "select message_count from public.conversations where id = %s", first["conversation_id"]
+        )
+        assert conversation["message_count"] == 6, "the stolen token added nothing"
+
+    async def test_a_reply_lost_on_the_way_can_be_retried_with_the_previous_token(
+        self, client: httpx.AsyncClient, make_widget: Callable[..., Any]
+    ) -> None:
+        widget = await make_widget()
+        first = (await send(client, widget)).json()
+        await send(client, widget, "one", token=first["visitor_token"])  # its reply never reached the visitor
+
+        retried = await send(client, widget, "one", token=first["visitor_token"])
+        assert retried.status_code == 200, retried.text
+        assert retried.json()["conversation_id"] == first["conversation_id"]
+        assert (await send(client, widget, "two", token=retried.json()["visitor_token"])).status_code == 200
+        assert (await send(client, widget, "three", token=first["visitor_token"])).status_code == 404
+
+    async def test_closing_a_conversation_revokes_its_tokens_for_good(
+        self, db: Connection, client: httpx.AsyncClient, make_widget: Callable[..., Any]
+    ) -> None:
+        widget = await make_widget()
+        first = (await send(client, widget)).json()
+        latest = (await send(client, widget, "more", token=first["visitor_token"])).json()
+        await (await superuser(db)).execute(
+            "update public.conversations set status = 'closed' where id = %s", (first["conversation_id"],)
+        )
+        closed = await send(client, widget, token=latest["visitor_token"])
+        assert closed.status_code == 409
+        assert problem(closed)["type"].endswith("/conversation-closed")
+
+        await db.execute("update public.conversations set status = 'open' where id = %s", (first["conversation_id"],))
+        for token in (first["visitor_token"], latest["visitor_token"]):
+            reopened = await send(client, widget, "back again", token=token)
+            assert reopened.status_code == 404, "a token issued before the close works again after a reopen"
+        [conversation] = await rows(
+            db, "select message_count from public.conversations where id = %s", first["conversation_id"]
+        )
+        assert conversation["message_count"] == 4
+
+    async def test_a_turn_that_arrives_after_the_close_is_not_stored(
+        self, db: Connection, client: httpx.AsyncClient, make_widget: Callable[..., Any]
+    ) -> None:
+        widget = await make_widget()
+        opened = (await send(client, widget)).json()
+        await (await superuser(db)).execute(
+            "update public.conversations set status = 'closed' where id = %s", (opened["conversation_id"],)
+        )
+        [row] = await rows(
+            db, "select visitor_id from public.conversations where id = %s", opened["conversation_id"]
+        )
+        stored = await queries.store_turn(
+            TransactionDatabase(db),
+            conversation_id=uuid.UUID(opened["conversation_id"]),
+            org_id=widget.org["id"],
+            agent_id=widget.agent["id"],
+            visitor_id=row["visitor_id"],
+            origin=ORIGIN,
+            messages=[queries.NewMessage("visitor", "late", datetime.now(UTC))],
+            items=[],
+        )
+        assert (stored.messages, stored.token_generation) == (0, None)
+
     async def test_a_full_conversation_is_a_409(
         self, db: Connection, client: httpx.AsyncClient, make_widget: Callable[..., Any]
     ) -> None:
@@ -569,6 +655,65 @@ class TestOrigins:
     async def test_origin_null_is_refused(self, client: httpx.AsyncClient, make_widget: Callable[..., Any]) -> None:
         widget = await make_widget()
         assert (await send(client, widget, origin="null")).status_code == 403
+
+
+def _bad_requests(widget: Widget) -> dict[str, tuple[str, str, dict[str, Any]]]:
+    """Requests refused at every stage, before and after the agent is known: name -> (method, path, kwargs)."""
+    json_type = {"content-type": "application/json"}
+    return {
+        "unknown key": ("POST", f"/api/widget/{new_key()}/chat", {"json": {"message": "hi"}}),
+        "unknown key config": ("GET", f"/api/widget/{new_key()}/config", {}),
+        "method not allowed": ("PUT", widget.chat_path, {"json": {"message": "hi"}}),
+        "validation": ("POST", widget.chat_path, {"json": {"message": ""}}),
+        "malformed json": ("POST", widget.chat_path, {"content": b'{"message": ', "headers": json_type}),
+        "invalid utf-8": ("POST", widget.chat_path, {"content": b'{"message": "\xff\xfe"}', "headers": json_type}),
+        "nested too deep": (
+            "POST",
+            widget.chat_path,
+            {"content": b'{"message": ' + b"[" * 5000 + b"]" * 5000 + b"}", "headers": json_type},
+        ),
+        "half a surrogate": ("POST", widget.chat_path, {"content": b'{"message": "\\ud800"}', "headers": json_type}),
+        "card data": ("POST", widget.chat_path, {"json": {"message": "4242 4242 4242 4242"}}),
+        "too large": ("POST", widget.chat_path, {"content": b"x" * 70_000, "headers": json_type}),
+        "bad token": ("POST", widget.chat_path, {"json": {"message": "hi"}, "headers": {"Authorization": "Bearer x"}}),
+    }
+
+
+class TestEveryAnswerKeepsItsHeaders:
+    @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(
+        kind=st.sampled_from(sorted(_bad_requests(Widget({}, {}, new_key())))),
+        origin=st.sampled_from([ORIGIN, OTHER_ORIGIN, None]),
+    )
+    async def test_vary_origin_request_id_and_no_store_on_every_refusal(
+        self, client: httpx.AsyncClient, make_widget: Callable[..., Any], kind: str, origin: str | None
+    ) -> None:
+        widget = await make_widget()
+        method, path, request = _bad_requests(widget)[kind]
+        headers = {**request.pop("headers", {}), **({"Origin": origin} if origin else {})}
+
+        response = await client.request(method, path, headers=headers, **request)
+
+        assert 400 <= response.status_code < 500, f"{kind}: {response.status_code} {response.text[:200]}"
+        assert response.headers["content-type"] == "application/problem+json", kind
+        assert response.headers.get_list("vary") == ["Origin"], kind
+        assert response.headers["cache-control"] == "no-store", kind
+        assert response.headers["x-request-id"] == response.json()["request_id"], kind
+        if origin != ORIGIN:
+            assert "access-control-allow-origin" not in response.headers, kind
+
+    async def test_unreadable_bodies_are_422_problems_that_say_why(
+        self, client: httpx.AsyncClient, make_widget: Callable[..., Any]
+    ) -> None:
+        widget = await make_widget()
+        for kind in ("invalid utf-8", "nested too deep", "half a surrogate"):
+            method, path, request = _bad_requests(widget)[kind]
+            response = await client.request(method, path, **request)
+            assert response.status_code == 422, f"{kind}: {response.text}"
+            body = problem(response)
+            assert body["type"].endswith("/validation-error"), kind
+            assert body["detail"].startswith("body: "), kind
+            assert body["errors"] == [{"loc": ["body"], "msg": body["detail"].removeprefix("body: ")}], kind
 
 
 # -- malformed input --------------------------------------------------------------------------------
@@ -716,6 +861,54 @@ class TestRateLimits:
         assert fallbacks[0]["error_type"]
 
 
+class TestHungRedis:
+    """A Redis that accepts connections and never answers (a real loopback peer, not a closed port)."""
+
+    TIMEOUT_SECONDS = 1.5
+
+    async def test_a_turn_costs_at_most_one_timeout_and_the_next_turn_none(
+        self,
+        db: Connection,
+        online: FakeOpenAI,
+        configure: Configure,
+        client: httpx.AsyncClient,
+        make_widget: Callable[..., Any],
+        log_lines: list[str],
+    ) -> None:
+        widget = await make_widget()
+        await superuser(db)
+        await db.execute(
+            "insert into public.knowledge_chunks (org_id, agent_id, title, content) values (%s, %s, 'Hours', %s)",
+            (widget.org["id"], widget.agent["id"], "We open at 9."),
+        )
+        # A first turn with Redis up, so the timings below hold no first-use costs (SDK imports, clients).
+        assert (await send(client, widget, "Hello", address="192.0.2.9")).status_code == 200
+        online.requests.clear()
+        async with hung_peer() as peer:
+            # Three Redis calls per turn: the visitor's limit, the burst limit before the embedding and
+            # before the reply. Each used to wait for its own timeout.
+            configure(UPSTASH_REDIS_REST_URL=peer.url, UPSTASH_REDIS_TIMEOUT_SECONDS=str(self.TIMEOUT_SECONDS))
+            await close_redis()
+
+            started = time.perf_counter()
+            first = await send(client, widget, "When do you open?", address="192.0.2.1")
+            first_seconds = time.perf_counter() - started
+            after_first = peer.requests
+            started = time.perf_counter()
+            second = await send(client, widget, "And on Sundays?", address="192.0.2.2")
+            second_seconds = time.perf_counter() - started
+
+        assert first.status_code == 200, first.text
+        assert second.status_code == 200, second.text
+        assert after_first == 1, "the first turn waited on Redis once; its other calls took the fallback at once"
+        assert peer.requests == 1, "within the open time, the next turn does not ask Redis at all"
+        assert first_seconds < 2 * self.TIMEOUT_SECONDS, f"one timeout, not three: {first_seconds:.2f} s"
+        assert second_seconds < self.TIMEOUT_SECONDS, f"no timeout at all: {second_seconds:.2f} s"
+        assert len(online.requests_to("/v1/embeddings")) == 2, "both turns were answered in full"
+        reasons = [json.loads(line).get("decision_reason") for line in log_lines]
+        assert reasons.count("ratelimit-fallback") == 2, "each turn counted its visitor limit in Postgres"
+
+
 # -- budgets and degradation ------------------------------------------------------------------------
 
 
@@ -799,7 +992,7 @@ GENERATED_FIELDS = ("conversation_id", "visitor_token", "visitor_token_expires_a
 
 class TestModelFailures:
     @pytest.mark.parametrize("failure", ["error", "timeout"])
-    async def test_a_failing_model_gives_a_friendly_reply_and_an_escalation_at_no_cost(
+    async def test_a_failing_model_gives_a_friendly_reply_and_an_escalation(
         self,
         failure: str,
         db: Connection,
@@ -835,16 +1028,97 @@ class TestModelFailures:
         assert item["payload"]["reason"] == "model_unavailable"
         assert item["payload"]["summary"] == "Can I change my delivery address?"
         assert str(item["conversation_id"]) == body["conversation_id"]
-        usage = await rows(
+        [usage] = await rows(
             db,
-            "select outcome, cost_microusd from public.usage_events where org_id = %s and kind = 'chat'",
+            "select outcome, cost_microusd, estimated from public.usage_events where org_id = %s and kind = 'chat'",
             widget.org["id"],
         )
-        assert usage == [{"outcome": failure, "cost_microusd": 0}]
+        assert usage["outcome"] == failure
+        if failure == "error":  # the provider answered 500: nothing billed
+            assert (usage["cost_microusd"], usage["estimated"]) == (0, False)
+        else:  # the request went out and the provider may still bill it: charged at its bound
+            assert usage["cost_microusd"] > 0
+            assert usage["estimated"] is True
         [conversation] = await rows(
             db, "select status from public.conversations where id = %s", body["conversation_id"]
         )
         assert conversation["status"] == "escalated"
+
+
+class TestMalformedAnswers:
+    """A provider answer that is not the documented shape ends as outcome ``error``: a friendly
+    reply, an escalation, the transcript stored, a usage row and the hold released."""
+
+    @pytest.mark.parametrize(
+        ("case", "setup"),
+        [
+            ("a 200 that is not JSON", lambda fake: setattr(fake, "raw_bytes", b"{not json")),
+            ("content that is a number", lambda fake: setattr(fake.reply, "content", 42)),
+            ("content that is an object", lambda fake: setattr(fake.reply, "content", {"text": "hi"})),
+            ("a fractional token count", lambda fake: setattr(fake.reply, "prompt_tokens", 1.5)),
+            ("a token count as text", lambda fake: setattr(fake.reply, "completion_tokens", "20")),
+            ("a token count past 2^31-1", lambda fake: setattr(fake.reply, "prompt_tokens", 2**31)),
+        ],
+    )
+    async def test_a_malformed_answer_is_an_error_with_a_reply_an_escalation_and_a_transcript(
+        self,
+        case: str,
+        setup: Callable[[FakeOpenAI], None],
+        db: Connection,
+        online: FakeOpenAI,
+        client: httpx.AsyncClient,
+        make_widget: Callable[..., Any],
+    ) -> None:
+        widget = await make_widget()
+        setup(online)
+
+        response = await send(client, widget, "Do you ship to Norway?")
+
+        assert response.status_code == 200, (case, response.text)
+        body = response.json()
+        assert (body["reply"], body["status"]) == (MODEL_FAILURE_REPLY, "handed_to_team"), case
+        [item] = await rows(db, "select kind, payload from public.review_items where org_id = %s", widget.org["id"])
+        assert (item["kind"], item["payload"]["reason"]) == ("escalation", "model_unavailable")
+        transcript = await rows(
+            db,
+            "select role, content from public.messages where conversation_id = %s order by created_at, id",
+            body["conversation_id"],
+        )
+        assert [m["content"] for m in transcript] == ["Do you ship to Norway?", MODEL_FAILURE_REPLY]
+        [usage] = await rows(
+            db,
+            "select outcome, cost_microusd, estimated, prompt_tokens from public.usage_events"
+            " where org_id = %s and kind = 'chat'",
+            widget.org["id"],
+        )
+        assert usage == {"outcome": "error", "cost_microusd": 0, "estimated": False, "prompt_tokens": 0}, case
+        holds = await rows(db, "select status from public.budget_reservations where org_id = %s", widget.org["id"])
+        assert [h["status"] for h in holds] == ["released"]
+
+    async def test_a_reply_past_the_transcript_limit_is_clipped_saying_so_and_stored(
+        self, db: Connection, online: FakeOpenAI, client: httpx.AsyncClient, make_widget: Callable[..., Any]
+    ) -> None:
+        widget = await make_widget()
+        online.reply.content = "All about shipping. " * 7_500  # 150,000 characters
+
+        response = await send(client, widget, "Tell me everything about shipping")
+
+        assert response.status_code == 200, response.text
+        body = response.json()
+        [reply] = await rows(
+            db,
+            "select content, usage_event_id from public.messages where conversation_id = %s and role <> 'visitor'",
+            body["conversation_id"],
+        )
+        assert len(reply["content"]) == MAX_REPLY_CHARS
+        assert reply["content"].startswith("All about shipping. ")
+        assert reply["content"].endswith(CLIPPED_NOTE)
+        assert body["reply"] == reply["content"]
+        [usage] = await rows(
+            db, "select id, outcome, cost_microusd from public.usage_events where org_id = %s", widget.org["id"]
+        )
+        assert (usage["outcome"], usage["id"]) == ("ok", reply["usage_event_id"])
+        assert usage["cost_microusd"] > 0, "the model answered and is paid for; the transcript shows what it said"
 
 
 class TestToolCalls:
@@ -992,6 +1266,50 @@ class TestCardData:
         assert "4242" not in without_generated_ids(response.text)
         assert await rows(db, "select id from public.messages where org_id = %s", widget.org["id"]) == []
         assert len(online.requests_to("/v1/chat/completions")) == before, "the number never reached a model"
+
+    @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(case=free_text_with_card())
+    async def test_a_card_number_in_any_encoding_is_refused_and_never_stored_logged_or_sent(
+        self,
+        db: Connection,
+        online: FakeOpenAI,
+        client: httpx.AsyncClient,
+        make_widget: Callable[..., Any],
+        log_lines: list[str],
+        case: tuple[str, str],
+    ) -> None:
+        text, pan = case
+        widget = await make_widget()
+        before = len(online.requests)
+        for body in every_body({"message": text}):
+            response = await client.post(
+                widget.chat_path, content=body.content, headers={"Origin": ORIGIN, "content-type": body.content_type}
+            )
+            assert response.status_code == 422, f"{body.encoding}: {response.text}"
+            assert problem(response)["type"].endswith("/card-data-refused"), body.encoding
+            assert response.headers["vary"] == "Origin"
+            assert pan not in without_generated_ids(response.text)
+        assert all(pan not in without_generated_ids(line) for line in log_lines)
+        assert await rows(db, "select id from public.messages where org_id = %s", widget.org["id"]) == []
+        assert len(online.requests) == before, "the number never reached a model"
+
+    @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(pan=pans())
+    async def test_a_card_number_as_a_field_name_never_comes_back(
+        self, client: httpx.AsyncClient, make_widget: Callable[..., Any], log_lines: list[str], pan: str
+    ) -> None:
+        widget = await make_widget()
+        escaped_key = "".join(f"\\u{ord(c):04x}" for c in pan)  # the raw body holds no digit run
+        for content in (f'{{"message": "hi", "{escaped_key}": 1}}', f'{{"message": "hi", "x": {{"{pan}": 1}}}}'):
+            response = await client.post(
+                widget.chat_path,
+                content=content.encode(),
+                headers={"Origin": ORIGIN, "content-type": "application/json"},
+            )
+            assert response.status_code == 422, response.text
+            assert problem(response)["type"].endswith("/card-data-refused")
+            assert pan not in response.text
+        assert all(pan not in line for line in log_lines)
 
 
 class TestKnowledge:

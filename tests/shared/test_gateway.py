@@ -15,6 +15,8 @@ from typing import Any
 import psycopg
 import pytest
 import redis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from psycopg.rows import dict_row
 
 from shared.db.session import get_database
@@ -33,6 +35,8 @@ from shared.gateway import (
     embed,
 )
 from shared.gateway.offline import EXCERPT_INTRO, NO_MATCH_REPLY
+from shared.gateway.schemas import MAX_REPLY_CHARS
+from shared.gateway.service import MIN_COMPLETION_TOKENS
 from shared.pricing import UnknownModel, cost_microusd
 from shared.ratelimit import LimitCheck, RateLimitRule, bucket_prefix
 from shared.redis import close_redis
@@ -228,7 +232,7 @@ class TestMetering:
         assert (period["spent_microusd"], period["reserved_microusd"]) == (expected_cost, 0)
 
     async def test_the_request_carries_model_tools_limits_knowledge_and_request_id(
-        self, online: FakeOpenAI, tdb: TransactionDatabase, org: dict[str, Any], agent: dict[str, Any]
+        self, online: FakeOpenAI, tdb: TransactionDatabase, db: Connection, org: dict[str, Any], agent: dict[str, Any]
     ) -> None:
         await ask(tdb, org, agent, knowledge=[REFUNDS], max_tokens=123, temperature=0.5, request_id="req-wire")
 
@@ -239,7 +243,9 @@ class TestMetering:
         assert body["temperature"] == 0.5
         assert body["tools"] == WIDGET_TOOLS
         assert request.headers["authorization"] == f"Bearer {online.api_key}"
-        assert request.headers["x-client-request-id"] == "req-wire"
+        [row] = await usage_rows(db, org["id"])
+        assert request.headers["x-client-request-id"] == row["client_request_id"]
+        assert row["request_id"] == "req-wire"
         roles = [m["role"] for m in body["messages"]]
         assert roles == ["system", "system", "user"], "knowledge goes after the agent's own instructions"
         assert body["messages"][0]["content"] == "You answer for Acme Bikes."
@@ -272,7 +278,7 @@ class TestMetering:
 
 
 class TestFailures:
-    async def test_a_timeout_releases_the_reservation_and_is_recorded_as_timeout(
+    async def test_a_timeout_after_the_request_went_out_is_charged_at_the_bound_as_an_estimate(
         self,
         online: FakeOpenAI,
         gateway: Configure,
@@ -285,18 +291,26 @@ class TestFailures:
         online.delay_seconds = 1.5
 
         with pytest.raises(ModelUnavailable) as raised:
-            await ask(tdb, org, agent, request_id="req-slow")
+            await ask(tdb, org, agent, request_id="req-slow", max_tokens=70)
 
         assert raised.value.status == 503
         assert "in time" in raised.value.detail
         [row] = await usage_rows(db, org["id"])
-        assert (row["outcome"], row["cost_microusd"], row["request_id"]) == ("timeout", 0, "req-slow")
-        assert 250 <= row["latency_ms"] < 1500
         [reservation] = await reservations(db, org["id"])
-        assert reservation["status"] == "released"
+        assert (row["outcome"], row["request_id"], row["estimated"]) == ("timeout", "req-slow", True)
+        assert row["cost_microusd"] == reservation["amount_microusd"] == reservation["actual_microusd"]
+        assert row["completion_tokens"] == 70, "every completion token the call allowed"
+        assert row["cost_microusd"] == cost_microusd(
+            "gpt-4o-mini", prompt_tokens=row["prompt_tokens"], completion_tokens=70
+        )
+        [request] = online.requests
+        assert row["client_request_id"] == request.headers["x-client-request-id"]
+        assert row["provider_request_id"] is None, "no answer, so no provider id"
+        assert 250 <= row["latency_ms"] < 1500
+        assert reservation["status"] == "settled"
         period = await budget_period(db, org["id"])
         assert period is not None
-        assert (period["spent_microusd"], period["reserved_microusd"]) == (0, 0)
+        assert (period["spent_microusd"], period["reserved_microusd"]) == (row["cost_microusd"], 0)
 
     @pytest.mark.parametrize(
         ("setup", "reason"),
@@ -328,7 +342,12 @@ class TestFailures:
         assert "processing your request" not in raised.value.detail, "the provider's text never reaches a caller"
         assert raised.value.__cause__ is None
         [row] = await usage_rows(db, org["id"])
-        assert (row["outcome"], row["cost_microusd"], row["prompt_tokens"]) == ("error", 0, 0), reason
+        assert (row["outcome"], row["cost_microusd"], row["prompt_tokens"], row["estimated"]) == (
+            "error",
+            0,
+            0,
+            False,
+        ), reason
         [reservation] = await reservations(db, org["id"])
         assert reservation["status"] == "released"
 
@@ -347,9 +366,11 @@ class TestFailures:
             await ask(tdb, org, agent)
 
         [row] = await usage_rows(db, org["id"])
-        assert row["outcome"] == "error"
+        assert (row["outcome"], row["cost_microusd"], row["estimated"]) == ("error", 0, False)
+        [reservation] = await reservations(db, org["id"])
+        assert reservation["status"] == "released", "nothing went out: nothing can be billed"
 
-    async def test_a_cancelled_call_releases_its_reservation_at_once(
+    async def test_a_call_cancelled_after_the_request_went_out_is_charged_at_the_bound_at_once(
         self, online: FakeOpenAI, tdb: TransactionDatabase, db: Connection, org: dict[str, Any], agent: dict[str, Any]
     ) -> None:
         online.delay_seconds = 2.0
@@ -360,9 +381,201 @@ class TestFailures:
             await task
 
         [row] = await usage_rows(db, org["id"])
-        assert (row["outcome"], row["cost_microusd"]) == ("error", 0)
         [reservation] = await reservations(db, org["id"])
-        assert reservation["status"] == "released"
+        assert (row["outcome"], row["estimated"]) == ("cancelled", True)
+        assert row["cost_microusd"] == reservation["amount_microusd"] == reservation["actual_microusd"] > 0
+        assert reservation["status"] == "settled", "settled at once, not left for the ten-minute sweep"
+
+    async def test_a_connection_lost_after_the_request_went_out_is_charged_at_the_bound(
+        self, gateway: Configure, tdb: TransactionDatabase, db: Connection, org: dict[str, Any], agent: dict[str, Any]
+    ) -> None:
+        received: list[bytes] = []
+
+        async def read_then_hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            head = (await reader.readuntil(b"\r\n\r\n")).lower()
+            length = int(head.split(b"content-length:", 1)[1].split(b"\r\n", 1)[0])
+            received.append(await reader.readexactly(length))
+            writer.close()  # the provider has the whole request, and answers nothing
+
+        server = await asyncio.start_server(read_then_hang_up, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            gateway(OPENAI_API_KEY="sk-anything", OPENAI_BASE_URL=f"http://127.0.0.1:{port}/v1")
+            with pytest.raises(ModelUnavailable):
+                await ask(tdb, org, agent)
+        finally:
+            server.close()
+            await server.wait_closed()
+
+        assert len(received) == 1
+        [row] = await usage_rows(db, org["id"])
+        [reservation] = await reservations(db, org["id"])
+        assert (row["outcome"], row["estimated"]) == ("error", True)
+        assert row["cost_microusd"] == reservation["actual_microusd"] == reservation["amount_microusd"]
+
+    async def test_the_provider_s_request_id_and_ours_are_on_the_row(
+        self, online: FakeOpenAI, tdb: TransactionDatabase, db: Connection, org: dict[str, Any], agent: dict[str, Any]
+    ) -> None:
+        await ask(tdb, org, agent, request_id="req-turn", knowledge=[REFUNDS])
+        await embed(tdb, org_id=org["id"], agent_id=None, scan_id=None, texts=["a page"], request_id="req-turn")
+
+        rows = await usage_rows(db, org["id"])
+        sent = [request.headers["x-client-request-id"] for request in online.requests]
+        assert [row["client_request_id"] for row in rows] == sent
+        assert len(set(sent)) == 2, "one id per call, though both calls share the request id"
+        assert [row["provider_request_id"] for row in rows] == online.answered_ids
+        assert {row["request_id"] for row in rows} == {"req-turn"}
+        assert not any(row["estimated"] for row in rows)
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3),
+    max_leaves=8,
+)
+COMPLETION_FIELDS = (
+    ("choices",),
+    ("choices", 0),
+    ("choices", 0, "message"),
+    ("choices", 0, "message", "content"),
+    ("choices", 0, "message", "tool_calls"),
+    ("choices", 0, "message", "tool_calls", 0),
+    ("choices", 0, "message", "tool_calls", 0, "type"),
+    ("choices", 0, "message", "tool_calls", 0, "function"),
+    ("choices", 0, "message", "tool_calls", 0, "function", "name"),
+    ("choices", 0, "message", "tool_calls", 0, "function", "arguments"),
+    ("usage",),
+    ("usage", "prompt_tokens"),
+    ("usage", "completion_tokens"),
+)
+
+
+def a_completion() -> dict[str, Any]:
+    call = {"id": "call_1", "type": "function", "function": {"name": ESCALATE, "arguments": "{}"}}
+    message = {"role": "assistant", "content": "Happy to help.", "tool_calls": [call]}
+    return {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120},
+    }
+
+
+@st.composite
+def malformed_answers(draw: st.DrawFn) -> bytes:
+    """Bytes of any kind, JSON of any shape, or a real completion with one field made anything at all."""
+    kind = draw(st.sampled_from(["bytes", "json", "one-field"]))
+    if kind == "bytes":
+        return draw(st.binary(max_size=120))
+    if kind == "json":
+        return json.dumps(draw(JSON_VALUES)).encode()
+    payload = a_completion()
+    path = draw(st.sampled_from(COMPLETION_FIELDS))
+    target: Any = payload
+    for step in path[:-1]:
+        target = target[step]
+    huge_counts = st.integers(min_value=2**31 - 2, max_value=2**63)
+    long_texts = st.integers(min_value=100_001, max_value=100_050).map(lambda n: "x" * n)
+    replacement = draw(JSON_VALUES | huge_counts | long_texts)
+    if draw(st.booleans()) and isinstance(target, dict):
+        del target[path[-1]]
+    else:
+        target[path[-1]] = replacement
+    return json.dumps(payload).encode()
+
+
+class TestMalformedAnswers:
+    @settings(
+        max_examples=60,
+        deadline=None,
+        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    )
+    @given(answer=malformed_answers())
+    async def test_any_answer_ends_as_a_metered_reply_or_an_error_that_costs_nothing(
+        self,
+        answer: bytes,
+        online: FakeOpenAI,
+        tdb: TransactionDatabase,
+        db: Connection,
+        org: dict[str, Any],
+        agent: dict[str, Any],
+    ) -> None:
+        await set_limits(db, org["id"], monthly_budget_microusd=10**15, burst_per_minute=10**6)
+        online.raw_bytes = answer
+
+        try:
+            result: ChatResult | None = await ask(tdb, org, agent, max_tokens=50)
+        except ModelUnavailable:
+            result = None
+
+        [row] = (await usage_rows(db, org["id"]))[-1:]
+        [hold] = (await reservations(db, org["id"]))[-1:]
+        if result is None:
+            assert (row["outcome"], row["cost_microusd"], row["estimated"], hold["status"]) == (
+                "error",
+                0,
+                False,
+                "released",
+            )
+            return
+        assert row["id"] == result.usage_event_id
+        assert (row["outcome"], hold["status"]) == ("ok", "settled")
+        assert isinstance(result.content, str)
+        assert len(result.content) <= MAX_REPLY_CHARS
+        assert all(isinstance(call.arguments, dict) for call in result.tool_calls)
+        assert 0 <= row["prompt_tokens"] <= 2**31 - 1
+        assert 0 <= row["completion_tokens"] <= 2**31 - 1
+        assert (
+            row["cost_microusd"]
+            == hold["actual_microusd"]
+            == cost_microusd(
+                "gpt-4o-mini", prompt_tokens=row["prompt_tokens"], completion_tokens=row["completion_tokens"]
+            )
+        )
+
+
+class TestASlowProviderStillBills:
+    """From the side of a provider that keeps working, and billing, after we stopped waiting."""
+
+    CALLS = 5
+
+    async def test_calls_that_time_out_are_metered_at_least_at_the_servers_bill_and_the_budget_refuses_more(
+        self,
+        online: FakeOpenAI,
+        gateway: Configure,
+        tdb: TransactionDatabase,
+        db: Connection,
+        org: dict[str, Any],
+        agent: dict[str, Any],
+    ) -> None:
+        probe_org = await create_org(db)
+        await ask(tdb, probe_org, None, "What are your opening hours?")
+        [probe] = await reservations(db, probe_org["id"])
+        hold = probe["amount_microusd"]
+        await set_limits(db, org["id"], monthly_budget_microusd=self.CALLS * hold)
+        gateway(MODEL_TIMEOUT_SECONDS="0.3")
+        online.reset()
+        online.delay_seconds = 1.0  # answers every call, later than we wait
+
+        for _ in range(self.CALLS):
+            with pytest.raises(ModelUnavailable):
+                await ask(tdb, org, agent, "What are your opening hours?")
+        with pytest.raises(BudgetExhausted):
+            await ask(tdb, org, agent, "What are your opening hours?")
+
+        billed = sum(
+            cost_microusd("gpt-4o-mini", prompt_tokens=prompt, completion_tokens=completion)
+            for prompt, completion in online.billed_tokens()
+        )
+        rows = await usage_rows(db, org["id"])
+        metered = sum(row["cost_microusd"] for row in rows)
+        assert len(online.requests) == self.CALLS, "the server received every call that timed out, and no more"
+        assert [row["outcome"] for row in rows] == ["timeout"] * self.CALLS + ["rejected"]
+        assert all(row["estimated"] for row in rows[: self.CALLS])
+        assert metered >= billed > 0, f"metered {metered} µ$ for calls the server bills {billed} µ$"
+        period = await budget_period(db, org["id"])
+        assert period is not None
+        assert (period["spent_microusd"], period["reserved_microusd"]) == (metered, 0)
 
 
 class TestBurstLimit:
@@ -549,17 +762,52 @@ class TestBudget:
         )
         assert await reservations(db, org["id"]) == []
 
-    async def test_a_budget_with_room_for_one_call_admits_exactly_one(
+    async def test_a_call_the_room_cannot_cover_whole_is_sent_with_the_reply_allowance_the_room_pays_for(
         self, online: FakeOpenAI, tdb: TransactionDatabase, db: Connection, org: dict[str, Any], agent: dict[str, Any]
     ) -> None:
+        online.reply.prompt_tokens = None  # no usage: each call is charged its whole hold
         await ask(tdb, org, agent)
-        [first] = await reservations(db, org["id"])
-        # What the first call cost, plus room for exactly one more hold of the same size.
-        await set_limits(db, org["id"], monthly_budget_microusd=first["actual_microusd"] + first["amount_microusd"])
+        [first] = await usage_rows(db, org["id"])
+        hold, prompt_bound = first["cost_microusd"], first["prompt_tokens"]
+        floor = cost_microusd("gpt-4o-mini", prompt_tokens=prompt_bound, completion_tokens=MIN_COMPLETION_TOKENS)
+        room = floor + (hold - floor) // 2
+        await set_limits(db, org["id"], monthly_budget_microusd=hold + room)
 
         await ask(tdb, org, agent)
         with pytest.raises(BudgetExhausted):
             await ask(tdb, org, agent)
+
+        first_request, second_request = online.requests_to("/v1/chat/completions")
+        allowed = second_request.body["max_completion_tokens"]
+        assert first_request.body["max_completion_tokens"] == 400
+        assert MIN_COMPLETION_TOKENS <= allowed < 400
+        assert cost_microusd("gpt-4o-mini", prompt_tokens=prompt_bound, completion_tokens=allowed) <= room
+        assert cost_microusd("gpt-4o-mini", prompt_tokens=prompt_bound, completion_tokens=allowed + 1) > room
+        _, second, refused = await usage_rows(db, org["id"])
+        assert (second["completion_tokens"], refused["outcome"]) == (allowed, "rejected")
+        first_hold, second_hold = await reservations(db, org["id"])
+        assert (first_hold["amount_microusd"], second_hold["amount_microusd"]) == (hold, room)
+        period = await budget_period(db, org["id"])
+        assert period is not None
+        assert period["spent_microusd"] <= hold + room
+
+    async def test_a_call_with_no_room_only_because_of_holds_in_flight_waits_for_them_to_settle(
+        self, online: FakeOpenAI, tdb: TransactionDatabase, db: Connection, org: dict[str, Any], agent: dict[str, Any]
+    ) -> None:
+        await ask(tdb, org, agent)
+        [probe] = await reservations(db, org["id"])
+        hold, spent = probe["amount_microusd"], probe["actual_microusd"]
+        await set_limits(db, org["id"], monthly_budget_microusd=spent + hold + 10)
+        online.reset()
+        online.delay_seconds = 0.5
+
+        first = asyncio.ensure_future(ask(tdb, org, agent))
+        assert await asyncio.to_thread(online.request_arrived.wait, 5)
+        second = await ask(tdb, org, agent)  # no room while the first call's hold is held
+        assert (await first).usage_event_id < second.usage_event_id
+
+        _, first_hold, second_hold = await reservations(db, org["id"])
+        assert second_hold["created_at"] >= first_hold["finished_at"], "reserved once the first hold settled"
         assert len(online.requests) == 2
 
     async def test_an_unknown_model_is_refused_before_anything_is_reserved_or_called(
@@ -754,8 +1002,11 @@ class TestConcurrency:
 
     @pytest.mark.usefixtures("committed_db")
     async def test_simultaneous_calls_never_spend_past_the_budget_and_each_is_metered_once(
-        self, online: FakeOpenAI, admin_url: str, direct_redis: redis.Redis
+        self, online: FakeOpenAI, gateway: Configure, admin_url: str, direct_redis: redis.Redis
     ) -> None:
+        # 200 calls queue for five pooled connections and one organization's row lock; on a busy
+        # machine that can pass the pool's 3 s default, which is a pool figure, not a budget one.
+        gateway(DB_CONNECT_TIMEOUT_SECONDS="30")
         # Every answer costs 100 * 0.15 + 400 * 0.60 = 255 micro-dollars: about half of what a call reserves.
         online.reply.prompt_tokens, online.reply.completion_tokens = 100, 400
         database = get_database()

@@ -347,8 +347,8 @@ from shared.scans import ScanEnvironment, run_scans
 from tests.fakes.site import SiteResolver, FakeSite
 site = FakeSite({})
 site.port = int(sys.argv[1])
-env = ScanEnvironment(stale_after_seconds=0, policy=site.policy(), resolver=site.resolver(), politeness_seconds=0.1, lease_seconds=1,
-                      time_budget_seconds=60, flush_pages=2, concurrency=1)
+env = ScanEnvironment(stale_after_seconds=0, policy=site.policy(), resolver=site.resolver(), politeness_seconds=0.1,
+                      lease_seconds=1, time_budget_seconds=60, flush_pages=2, concurrency=1)
 asyncio.run(run_scans(get_database(), env=env))
 """
 

@@ -30,6 +30,7 @@ def claims(**overrides: Any) -> dict[str, Any]:
         "sub": "v_visitor",
         "cid": str(CONVERSATION),
         "aid": str(AGENT),
+        "gen": 3,
         "iat": now,
         "exp": now + 600,
     }
@@ -45,7 +46,9 @@ def signed(payload: dict[str, Any], *, key: str | bytes | None = None, algorithm
 
 class TestIssue:
     def test_a_token_names_its_conversation_agent_and_visitor(self) -> None:
-        token, expires_at = issue(conversation_id=CONVERSATION, agent_id=AGENT, visitor_id="v_1", now=1_000)
+        token, expires_at = issue(
+            conversation_id=CONVERSATION, agent_id=AGENT, visitor_id="v_1", generation=2, now=1_000
+        )
 
         assert token.startswith(TOKEN_PREFIX)
         assert expires_at == 1_000 + int(TOKEN_TTL.total_seconds())
@@ -59,13 +62,14 @@ class TestIssue:
         assert decoded["cid"] == str(CONVERSATION)
         assert decoded["aid"] == str(AGENT)
         assert decoded["sub"] == "v_1"
+        assert decoded["gen"] == 2
 
     def test_a_fresh_token_verifies(self) -> None:
-        token, expires_at = issue(conversation_id=CONVERSATION, agent_id=AGENT, visitor_id="v_1")
+        token, expires_at = issue(conversation_id=CONVERSATION, agent_id=AGENT, visitor_id="v_1", generation=4)
 
         verified = verify(token)
 
-        assert verified == visitor_tokens.VisitorClaims(CONVERSATION, AGENT, "v_1", expires_at)
+        assert verified == visitor_tokens.VisitorClaims(CONVERSATION, AGENT, "v_1", expires_at, 4)
 
     def test_visitor_ids_are_random(self) -> None:
         assert len({visitor_tokens.new_visitor_id() for _ in range(100)}) == 100
@@ -87,6 +91,10 @@ class TestVerifyRefuses:
             ("no agent", lambda: signed(claims(aid=None))),
             ("no visitor", lambda: signed(claims(sub=None))),
             ("no expiry", lambda: signed(claims(exp=None))),
+            ("no generation", lambda: signed(claims(gen=None))),
+            ("a generation that is not a number", lambda: signed(claims(gen="3"))),
+            ("a generation of zero", lambda: signed(claims(gen=0))),
+            ("a generation that is a boolean", lambda: signed(claims(gen=True))),
             ("not a uuid", lambda: signed(claims(cid="1 or 1=1"))),
             ("alg none", lambda: TOKEN_PREFIX + jwt.encode(claims(), None, algorithm="none")),  # type: ignore[arg-type]
             ("HS512 with our secret", lambda: signed(claims(), algorithm="HS512")),
@@ -114,7 +122,7 @@ class TestVerifyRefuses:
         get_settings.cache_clear()
         try:
             with pytest.raises(RuntimeError, match="WIDGET_TOKEN_SECRET"):
-                issue(conversation_id=CONVERSATION, agent_id=AGENT, visitor_id="v_1")
+                issue(conversation_id=CONVERSATION, agent_id=AGENT, visitor_id="v_1", generation=1)
         finally:
             monkeypatch.undo()
             get_settings.cache_clear()

@@ -10,7 +10,8 @@ from mangum import Mangum
 
 from shared.web.app import create_app
 from shared.web.deps import Db, Queue
-from shared.widget import service
+from shared.web.sse import EventStreamResponse
+from shared.widget import service, streaming
 from shared.widget.schemas import ChatReply, ChatRequest, WidgetConfig
 
 router = APIRouter()
@@ -19,10 +20,9 @@ OriginHeader = Annotated[str | None, Header(alias="origin")]
 
 
 @router.get("/api/widget/{key}/config")
-async def config(key: str, db: Db, request: Request, response: Response, origin: OriginHeader = None) -> WidgetConfig:
+async def config(key: str, db: Db, request: Request, origin: OriginHeader = None) -> WidgetConfig:
     served = await service.widget_config(db, key=key, origin=origin)
     request.state.org_id = served.org_id
-    response.headers.update(served.headers)
     return served.body
 
 
@@ -32,18 +32,31 @@ async def preflight(key: str, db: Db, origin: OriginHeader = None) -> Response:
     return Response(status_code=204, headers=await service.preflight(db, key=key, origin=origin))
 
 
-@router.post("/api/widget/{key}/chat")
+@router.post("/api/widget/{key}/chat", response_model=ChatReply)
 async def chat(
     key: str,
     body: ChatRequest,
     request: Request,
-    response: Response,
     db: Db,
     queue: Queue,
     origin: OriginHeader = None,
     authorization: Annotated[str | None, Header()] = None,
     x_real_ip: Annotated[str | None, Header()] = None,
-) -> ChatReply:
+    accept: Annotated[str | None, Header()] = None,
+) -> ChatReply | Response:
+    if streaming.wants_event_stream(accept):
+        turn = await streaming.open_chat_stream(
+            db,
+            key=key,
+            origin=origin,
+            token=service.bearer_token(authorization),
+            request=body,
+            client_address=service.client_address(x_real_ip, request.client),
+            request_id=request.state.request_id,
+            queue=queue,
+        )
+        request.state.org_id = turn.org_id
+        return EventStreamResponse(turn.body)
     served = await service.chat(
         db,
         key=key,
@@ -55,9 +68,9 @@ async def chat(
         queue=queue,
     )
     request.state.org_id = served.org_id
-    response.headers.update(served.headers)
     return served.body
 
 
-app = create_app("widget_chat", [router])
+# Every answer depends on the Origin it was asked from (CORS), errors included: caches must know.
+app = create_app("widget_chat", [router], headers={"Vary": "Origin"})
 lambda_handler = Mangum(app, lifespan="off")

@@ -1,0 +1,1 @@
+"""Team invitations: owners and admins invite teammates by email, through Supabase Auth."""

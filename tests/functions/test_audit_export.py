@@ -1,0 +1,299 @@
+"""GET /api/audit-log/export and the export's integrity, from the owner's and the attacker's side.
+
+Real database (one rolled-back transaction per test), real Redis for the export limit. The files
+are checked with the same verifier customers run (``shared.audit.verify``).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import pytest
+from psycopg import AsyncConnection
+from psycopg.rows import DictRow
+from psycopg.types.json import Jsonb
+
+from functions.audit_export import app
+from shared.audit.export import open_export
+from shared.audit.verify import main as verify_main
+from shared.audit.verify import verify
+from shared.db.session import get_database
+from tests.conftest import TransactionDatabase
+from tests.factories import access_token, add_member, create_org, user_claims
+
+Connection = AsyncConnection[DictRow]
+T0 = datetime(2026, 11, 1, tzinfo=UTC)
+
+
+@pytest.fixture
+async def client(db: Connection) -> AsyncIterator[httpx.AsyncClient]:
+    app.dependency_overrides[get_database] = lambda: TransactionDatabase(db)
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+        yield c
+    app.dependency_overrides.clear()
+
+
+@pytest.fixture
+async def org(db: Connection) -> dict[str, Any]:
+    org = await create_org(db)
+    org["admin"] = await add_member(db, org, role="admin")
+    org["member"] = await add_member(db, org, role="member")
+    org["other"] = await create_org(db)
+    # Ten rows an hour apart, one with text that CSV and JSON must escape; and rows of another tenant.
+    for i in range(10):
+        await insert_row(db, org["id"], T0 + timedelta(hours=i), f"test.action_{i}", {"n": i})
+    await insert_row(
+        db,
+        org["id"],
+        T0 + timedelta(hours=3),
+        "test.tricky",
+        {"note": 'a "quoted", comma\nnewline'},
+        target_id='name with "quotes",\nand a newline',
+    )
+    await insert_row(db, org["other"]["id"], T0 + timedelta(hours=2), "test.other_tenant", {"secret": "theirs"})
+    return org
+
+
+async def insert_row(
+    db: Connection, org_id: uuid.UUID, at: datetime, action: str, details: dict[str, Any], target_id: str | None = None
+) -> None:
+    await db.execute("reset role")
+    await db.execute(
+        "insert into public.audit_log (org_id, actor, action, target_id, details, created_at)"
+        " values (%s, 'test', %s, %s, %s, %s)",
+        (org_id, action, target_id, Jsonb(details), at),
+    )
+
+
+def _auth(user: dict[str, Any]) -> dict[str, str]:
+    return {"Authorization": f"Bearer {access_token(user)}"}
+
+
+def _params(org: dict[str, Any], **extra: str) -> dict[str, str]:
+    return {"org_id": str(org["id"]), "from": T0.isoformat(), "to": (T0 + timedelta(hours=6)).isoformat(), **extra}
+
+
+async def audit_rows(db: Connection, org_id: uuid.UUID, action: str) -> list[dict[str, Any]]:
+    await db.execute("reset role")
+    cursor = await db.execute("select * from public.audit_log where org_id = %s and action = %s", (org_id, action))
+    return [dict(r) for r in await cursor.fetchall()]
+
+
+class TestExport:
+    async def test_admin_exports_ndjson_of_the_range_in_order_and_it_verifies(
+        self, client: httpx.AsyncClient, db: Connection, org: dict[str, Any]
+    ) -> None:
+        response = await client.get("/api/audit-log/export", params=_params(org), headers=_auth(org["admin"]))
+        assert response.status_code == 200, response.text
+        assert response.headers["content-type"] == "application/x-ndjson"
+        assert "attachment" in response.headers["content-disposition"]
+        lines = [json.loads(line) for line in response.content.splitlines()]
+        assert lines[0]["record"] == "header"
+        assert lines[0]["org_id"] == str(org["id"])
+        events = [line for line in lines if line["record"] == "event"]
+        actions = [e["action"] for e in events]
+        assert actions == [f"test.action_{i}" for i in range(4)] + ["test.tricky"] + ["test.action_4", "test.action_5"]
+        assert "test.other_tenant" not in response.text, "another tenant's row was exported"
+        assert events[4]["details"] == {"note": 'a "quoted", comma\nnewline'}
+        trailer = lines[-1]
+        assert trailer["record"] == "trailer"
+        assert trailer["rows"] == 7
+        result = verify(io.BytesIO(response.content))
+        assert result.ok, result.message
+        # The export is itself audited: started before the first byte, completed with the same hash.
+        export_id = response.headers["x-export-id"]
+        [started] = await audit_rows(db, org["id"], "audit_log.export_started")
+        [done] = await audit_rows(db, org["id"], "audit_log.exported")
+        assert started["target_id"] == done["target_id"] == export_id
+        assert done["actor_user_id"] == org["admin"]["id"]
+        assert done["details"]["sha256"] == trailer["sha256"] == result.sha256
+        assert done["details"]["rows"] == 7
+
+    async def test_csv_is_rfc4180_and_verifies(self, client: httpx.AsyncClient, org: dict[str, Any]) -> None:
+        response = await client.get(
+            "/api/audit-log/export", params=_params(org, format="csv"), headers=_auth(org["owner"])
+        )
+        assert response.status_code == 200, response.text
+        assert response.headers["content-type"].startswith("text/csv")
+        text = response.content.decode()
+        records = list(csv.DictReader(line for line in io.StringIO(text, newline="") if not line.startswith("#")))
+        assert [r["action"] for r in records][:5] == [*(f"test.action_{i}" for i in range(4)), "test.tricky"]
+        tricky = records[4]
+        assert tricky["target_id"] == 'name with "quotes",\nand a newline'
+        assert json.loads(tricky["details"]) == {"note": 'a "quoted", comma\nnewline'}
+        assert tricky["actor_user_id"] == ""
+        assert tricky["request_id"] == ""
+        assert verify(io.BytesIO(response.content)).ok
+
+    async def test_pages_carry_checkpoints_and_resume_after_ties_on_created_at(
+        self, db: Connection, org: dict[str, Any]
+    ) -> None:
+        # Twenty rows with the same timestamp: the keyset must order ties by id and lose none.
+        same = T0 + timedelta(days=1)
+        for i in range(20):
+            await insert_row(db, org["id"], same, f"test.tie_{i:02d}", {})
+        export = await open_export(
+            TransactionDatabase(db),
+            user_claims(org["owner"]),
+            org_id=org["id"],
+            start=same,
+            end=same + timedelta(seconds=1),
+            fmt="ndjson",
+            request_id=None,
+            page_rows=6,
+        )
+        content = b"".join([chunk async for chunk in export.body])
+        lines = [json.loads(line) for line in content.splitlines()]
+        assert [line["action"] for line in lines if line["record"] == "event"] == [
+            f"test.tie_{i:02d}" for i in range(20)
+        ]
+        assert [line["rows"] for line in lines if line["record"] == "checkpoint"] == [6, 12, 18]
+        assert verify(io.BytesIO(content)).ok
+
+    async def test_to_defaults_to_the_database_clock_now(self, client: httpx.AsyncClient, org: dict[str, Any]) -> None:
+        params = _params(org)
+        del params["to"]
+        before = datetime.now(UTC)
+        response = await client.get("/api/audit-log/export", params=params, headers=_auth(org["admin"]))
+        assert response.status_code == 200
+        header = json.loads(response.content.splitlines()[0])
+        assert abs(datetime.fromisoformat(header["to"]) - before) < timedelta(minutes=1)
+        events = [json.loads(line)["action"] for line in response.content.splitlines()[1:-1]]
+        assert sum(action.startswith("test.") and action != "test.other_tenant" for action in events) == 11
+
+
+class TestTamperEvidence:
+    @pytest.fixture
+    async def exported(self, client: httpx.AsyncClient, db: Connection, org: dict[str, Any]) -> bytes:
+        for i in range(30):
+            await insert_row(db, org["id"], T0 + timedelta(minutes=i, seconds=1), f"test.bulk_{i}", {"i": i})
+        export = await open_export(
+            TransactionDatabase(db),
+            user_claims(org["owner"]),
+            org_id=org["id"],
+            start=T0,
+            end=T0 + timedelta(hours=1),
+            fmt="ndjson",
+            request_id=None,
+            page_rows=8,
+        )
+        return b"".join([chunk async for chunk in export.body])
+
+    def test_a_changed_byte_is_found_and_located(self, exported: bytes) -> None:
+        lines = exported.splitlines(keepends=True)
+        lines[12] = lines[12].replace(b"test.bulk", b"test.bulc")
+        result = verify(io.BytesIO(b"".join(lines)))
+        assert not result.ok
+        assert result.message.startswith("modified"), result.message
+        assert result.rows == 8, "the first page is still intact"
+
+    def test_a_removed_row_is_found(self, exported: bytes) -> None:
+        lines = exported.splitlines(keepends=True)
+        del lines[3]
+        assert verify(io.BytesIO(b"".join(lines))).message.startswith("modified")
+
+    @pytest.mark.parametrize("cut", [1, 2, 20])
+    def test_a_truncated_file_is_found(self, exported: bytes, cut: int) -> None:
+        lines = exported.splitlines(keepends=True)
+        result = verify(io.BytesIO(b"".join(lines[:-cut])))
+        assert not result.ok
+        assert result.message.startswith("truncated"), result.message
+
+    def test_a_cut_line_is_found(self, exported: bytes) -> None:
+        result = verify(io.BytesIO(exported[: len(exported) // 2]))
+        assert not result.ok
+        assert result.message.startswith("truncated")
+
+    def test_recomputed_hashes_fail_against_the_audit_log_hash(self, exported: bytes, tmp_path: Any) -> None:
+        original = verify(io.BytesIO(exported))
+        assert original.ok
+        # A forger edits a row and recomputes every checkpoint and the trailer.
+        forged = _reseal(exported.replace(b'"i": 3}', b'"i": 4}'))
+        assert verify(io.BytesIO(forged)).ok, "self-consistent on its own"
+        path = tmp_path / "export.ndjson"
+        path.write_bytes(forged)
+        assert verify_main([str(path), "--expect-sha256", str(original.sha256)]) == 1
+        path.write_bytes(exported)
+        assert verify_main([str(path), "--expect-sha256", str(original.sha256)]) == 0
+
+    def test_data_after_the_trailer_is_found(self, exported: bytes) -> None:
+        assert not verify(io.BytesIO(exported + b'{"record":"event"}\n')).ok
+
+
+def _reseal(content: bytes) -> bytes:
+    import hashlib
+
+    out = hashlib.sha256()
+    result = []
+    rows = 0
+    for line in content.splitlines(keepends=True):
+        value = json.loads(line)
+        if value["record"] in ("checkpoint", "trailer"):
+            line = (
+                json.dumps(
+                    {"record": value["record"], "rows": rows, "sha256": out.hexdigest()}, separators=(",", ":")
+                ).encode()
+                + b"\n"
+            )
+        elif value["record"] == "event":
+            rows += 1
+        out.update(line)
+        result.append(line)
+    return b"".join(result)
+
+
+class TestAttackers:
+    async def test_a_member_is_refused_and_nothing_is_recorded(
+        self, client: httpx.AsyncClient, db: Connection, org: dict[str, Any]
+    ) -> None:
+        response = await client.get("/api/audit-log/export", params=_params(org), headers=_auth(org["member"]))
+        assert response.status_code == 403
+        assert response.headers["content-type"] == "application/problem+json"
+        assert await audit_rows(db, org["id"], "audit_log.export_started") == []
+
+    async def test_another_tenants_admin_gets_404(self, client: httpx.AsyncClient, org: dict[str, Any]) -> None:
+        response = await client.get("/api/audit-log/export", params=_params(org), headers=_auth(org["other"]["owner"]))
+        assert response.status_code == 404
+        assert "test.action" not in response.text
+
+    @pytest.mark.parametrize("auth", [{}, {"Authorization": "Bearer not-a-jwt"}])
+    async def test_without_a_session_401(
+        self, client: httpx.AsyncClient, org: dict[str, Any], auth: dict[str, str]
+    ) -> None:
+        response = await client.get("/api/audit-log/export", params=_params(org), headers=auth)
+        assert response.status_code == 401
+
+    async def test_an_anon_key_is_not_a_session(self, client: httpx.AsyncClient, org: dict[str, Any]) -> None:
+        anon = access_token(org["owner"], role="anon", sub=str(org["owner"]["id"]))
+        response = await client.get(
+            "/api/audit-log/export", params=_params(org), headers={"Authorization": f"Bearer {anon}"}
+        )
+        assert response.status_code == 401
+
+    @pytest.mark.parametrize(
+        ("override", "status"),
+        [
+            ({"from": "2026-11-02T00:00:00Z", "to": "2026-11-01T00:00:00Z"}, 422),
+            ({"from": "2026-11-01T00:00:00"}, 422),
+            ({"from": (datetime.now(UTC) + timedelta(days=1)).isoformat()}, 422),
+            ({"format": "xlsx"}, 422),
+            ({"org_id": "nope"}, 422),
+            ({"extra": "1"}, 422),
+        ],
+    )
+    async def test_bad_queries_get_a_clear_422(
+        self, client: httpx.AsyncClient, org: dict[str, Any], override: dict[str, str], status: int
+    ) -> None:
+        response = await client.get(
+            "/api/audit-log/export", params={**_params(org), **override}, headers=_auth(org["owner"])
+        )
+        assert response.status_code == status, response.text
+        assert response.headers["content-type"] == "application/problem+json"

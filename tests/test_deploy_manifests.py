@@ -1,0 +1,68 @@
+"""The deployment's dependency manifests agree with the project's own.
+
+Vercel's Python builder installs the pyproject.toml nearest to each function, so the folders under
+functions/ with their own manifest (external/: the widget and the webhook; scanner/: the scan worker)
+ship different dependency sets. These checks keep them the project's, at the same versions: the
+builder installs every folder into one virtualenv in turn, so a package locked at two versions would
+leave an earlier function's bundle pointing at the other version's files.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import pytest
+from packaging.requirements import Requirement
+
+ROOT = Path(__file__).resolve().parents[1]
+FOLDERS = sorted(p.parent for p in (ROOT / "functions").glob("*/pyproject.toml"))
+
+
+def manifest(folder: Path) -> dict[str, Any]:
+    return tomllib.loads((folder / "pyproject.toml").read_text())
+
+
+ROOT_PROJECT = manifest(ROOT)["project"]
+ROOT_DEPENDENCIES = set(ROOT_PROJECT["dependencies"])
+
+
+def test_the_folders_are_there() -> None:
+    assert [p.name for p in FOLDERS] == ["external", "scanner"]
+
+
+def test_the_scanner_ships_the_project_plus_page_extraction() -> None:
+    scanner = set(manifest(ROOT / "functions" / "scanner")["project"]["dependencies"])
+    assert scanner == ROOT_DEPENDENCIES | set(ROOT_PROJECT["optional-dependencies"]["scanner"])
+
+
+def test_the_external_functions_ship_a_subset_of_the_project_without_cryptography() -> None:
+    project = {r.name.lower(): r for r in map(Requirement, ROOT_DEPENDENCIES)}
+    for requirement in map(Requirement, manifest(ROOT / "functions" / "external")["project"]["dependencies"]):
+        ours = project.get(requirement.name.lower())
+        assert ours is not None, f"{requirement} is not one of the project's dependencies"
+        assert requirement.specifier == ours.specifier, f"{requirement}: the project says {ours}"
+        assert requirement.extras <= ours.extras, f"{requirement}: the project says {ours}"
+        assert requirement.name.lower() != "cryptography"
+        assert not requirement.extras & {"crypto"}
+
+
+@pytest.mark.parametrize("folder", FOLDERS, ids=lambda p: p.name)
+def test_same_python_and_no_package_of_our_own(folder: Path) -> None:
+    data = manifest(folder)
+    assert data["project"]["requires-python"] == ROOT_PROJECT["requires-python"]
+    assert (folder / ".python-version").read_text() == (ROOT / ".python-version").read_text()
+    assert data["tool"]["uv"]["package"] is False
+
+
+def test_every_locked_package_has_one_version_across_the_locks() -> None:
+    versions: dict[str, set[str]] = defaultdict(set)
+    for folder in [ROOT, *FOLDERS]:
+        lock = tomllib.loads((folder / "uv.lock").read_text())
+        for package in lock["package"]:
+            if "version" in package and package.get("source", {}).get("virtual") is None:
+                versions[package["name"]].add(package["version"])
+    split = {name: sorted(found) for name, found in versions.items() if len(found) > 1}
+    assert not split, f"locked at several versions (run `uv lock --upgrade-package NAME` in each folder): {split}"

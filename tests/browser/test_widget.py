@@ -161,7 +161,6 @@ SAMPLE_FRAMES = f"""() => {{
 
 
 class TestProgressiveAnswer:
-    @pytest.mark.xfail(strict=True, reason="the chat endpoint answers JSON until the streamed replies land")
     async def test_the_answer_appears_progressively(self, stack: Stack, widget: Widget, open_page: Any) -> None:
         answer = "One two three four five six seven eight nine ten."
         stack.fake.reply = ScriptedReply(content=answer)
@@ -188,6 +187,41 @@ class TestProgressiveAnswer:
         painted = await page.evaluate("window.__frames")
         partial = sorted({length for length in painted if 0 < length < len(answer)})
         assert len(partial) >= 2, f"the reply was painted {len(partial)} times before its end: {partial}"
+
+
+class TestJsonAnswer:
+    async def test_a_json_answer_works_as_well_and_continues_the_conversation(
+        self, stack: Stack, widget: Widget, open_page: Any
+    ) -> None:
+        # As if a proxy dropped the widget's Accept header: the real API then answers JSON.
+        async def accept_json_only(route: Any) -> None:
+            await route.continue_(headers={**route.request.headers, "accept": "application/json"})
+
+        page = await open_page()
+        await page.route(stack.chat_url_pattern, accept_json_only)
+        content_types: list[str] = []
+        page.on(
+            "response",
+            lambda r: (
+                content_types.append(r.headers.get("content-type", ""))
+                if r.request.method == "POST" and stack.chat_url_pattern.match(r.url)
+                else None
+            ),
+        )
+        stack.fake.reply = ScriptedReply(content="A whole answer at once.")
+        await open_widget(page, stack.site_url)
+        await ask(page, "Hello")
+        await expect(replies(page).nth(1)).to_contain_text("A whole answer at once.")
+        stack.fake.reply = ScriptedReply(content="And another.")
+        await ask(page, "Again")
+        await expect(replies(page).nth(2)).to_contain_text("And another.")
+        assert content_types == ["application/json", "application/json"]
+        stored = stack.sql(
+            "select count(distinct conversation_id) from public.conversations c"
+            " join public.messages m on m.conversation_id = c.id where c.agent_id = %(agent)s",
+            {"agent": widget.agent_id},
+        )
+        assert stored == [(1,)]
 
 
 class TestHandOver:

@@ -23,8 +23,10 @@ row, made by a person who has read the drift.
 
 Per-organization keys: a ``UsageSource`` names itself (``source``), says which of our rows it
 covers (``covers``, a SQL condition on ``usage_events``) and fetches the provider's figures. The
-platform source covers every row; a source for an organization's own key would cover that
-organization's rows made with its key, and the platform source would then leave them out.
+platform source covers the rows the platform key paid for (``key_source = 'platform'``); a source
+for an organization's own key would cover that organization's rows with ``key_source =
+'organization'``, with figures read through that key's own organization (an admin key the
+organization gives us, which today it does not).
 """
 
 from __future__ import annotations
@@ -144,8 +146,8 @@ class OpenAIOrganization:
     def covers(self) -> sql.Composable:
         from psycopg import sql  # the driver loads with the first query, not at start
 
-        # Every row today; rows made with an organization's own key will be left out here.
-        return sql.SQL("true")
+        # Calls paid by the platform key; an organization's own key is billed to its own account.
+        return sql.SQL("u.key_source = 'platform'")
 
     async def fetch(self, start: date, end: date) -> dict[tuple[date, str], Figures]:
         figures: dict[tuple[date, str], Figures] = {}

@@ -50,8 +50,9 @@ class ModelKeySave(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     org_id: uuid.UUID
+    # Machine values, not text a person typed: the card scan skips them (shared/cards.py).
     api_key: Annotated[SecretStr, Field(min_length=8, max_length=512), Identifier("an API key")]
-    base_url: Annotated[str | None, Field(min_length=8, max_length=2000), Identifier("a base URL")] = None
+    base_url: Annotated[str | None, Field(min_length=8, max_length=2000), Identifier("a URL")] = None
     on_key_failure: OnKeyFailure | None = None
 
     @field_validator("base_url")

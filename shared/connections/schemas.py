@@ -19,10 +19,22 @@ DeliverKind = Literal["escalation", "draft", "lead"]
 ALL_DELIVER_KINDS: tuple[DeliverKind, ...] = ("escalation", "draft", "lead")
 
 Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+
+
+def _header_safe(value: SecretStr) -> SecretStr:
+    """Tokens and signing secrets travel in HTTP headers, which carry visible ASCII only; anything
+    else is refused here (a 422 that never repeats the value) rather than failing mid-request."""
+    if not all("!" <= ch <= "~" for ch in value.get_secret_value()):
+        raise ValueError("must be visible ASCII characters only, without spaces")
+    return value
+
+
 # Credentials are machine values: a Discord webhook URL holds a numeric id that can pass Luhn, and
 # no card scan reads them (shared/cards.py); they are encrypted and never shown again.
 SecretUrl = Annotated[SecretStr, Field(min_length=10, max_length=2048), Identifier("a webhook URL")]
-Token = Annotated[SecretStr, Field(min_length=8, max_length=512), Identifier("an API token")]
+Token = Annotated[
+    SecretStr, Field(min_length=8, max_length=512), AfterValidator(_header_safe), Identifier("an API token")
+]
 
 
 # GitHub: owner 1-39 characters of letters, digits and inner hyphens; repository names of letters,
@@ -84,7 +96,9 @@ class WebhookCreate(_CreateBase):
     kind: Literal["webhook"]
     url: SecretUrl
     # Standard Webhooks: "whsec_" + base64 of 24 to 64 random bytes; the customer keeps a copy to verify.
-    signing_secret: Annotated[SecretStr, Field(min_length=38, max_length=100), Identifier("a signing secret")]
+    signing_secret: Annotated[
+        SecretStr, Field(min_length=38, max_length=100), AfterValidator(_header_safe), Identifier("a signing secret")
+    ]
 
 
 ConnectionCreate = Annotated[

@@ -192,7 +192,10 @@ async def _create(db: Database, org_id: uuid.UUID, plan: Plan, lookup_key: str, 
             expires_at=step.expires_at,
             idempotency_key=idempotency_key(org_id, step.attempt),
         )
-    except BaseException:
+    except Exception:
+        # Stripe said no (or never got the request): the next start claims a new attempt. A start
+        # cancelled mid-call keeps its claim instead, so a takeover asks Stripe with the same key
+        # and gets the session it may already have created.
         async with as_service(db) as conn:
             await accounts.release_checkout(conn, org_id, attempt=step.attempt)
         raise

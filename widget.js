@@ -287,7 +287,7 @@ form button[aria-disabled=true]{opacity:.6;cursor:default}
     generation += 1;
     forget();
     state.log = [];
-    busy = false;
+    setBusy(false);
     renderLog();
     input.focus();
   });
@@ -429,10 +429,11 @@ form button[aria-disabled=true]{opacity:.6;cursor:default}
       return void note(STRINGS.offline, retryButton(text));
     }
     if (response.ok && /^text\/event-stream/i.test(response.headers.get('content-type') || '')) {
-      await readStream(response, body, text);
+      await readStream(response, body, text, turn);
     } else if (response.ok) {
       try {
         const data = await response.json();
+        if (turn !== generation) return;
         remember(data);
         renderText(body, String(data.reply || ''));
         finishReply(body, String(data.reply || ''), data.status);
@@ -442,18 +443,19 @@ form button[aria-disabled=true]{opacity:.6;cursor:default}
       }
     } else {
       body.parentNode.remove();
-      return void refused(response, text, attempt);
+      return void refused(response, text, attempt, turn);
     }
     setBusy(false);
   }
 
-  async function refused(response, text, attempt) {
+  async function refused(response, text, attempt, turn) {
     let problem = {};
     try {
       problem = await response.json();
     } catch (_) {
       // Not a problem document: handled by status alone.
     }
+    if (turn !== generation) return;
     const type = String(problem.type || '');
     const status = response.status;
     if ((type.endsWith('conversation-not-found') || status === 409) && state.token && attempt === 0) {
@@ -483,8 +485,13 @@ form button[aria-disabled=true]{opacity:.6;cursor:default}
   }
 
   // Server-sent events over fetch (EventSource cannot POST or send headers). docs/widget.md: the contract.
-  async function readStream(response, body, question) {
+  async function readStream(response, body, question, turn) {
     let text = '';
+    // Leaving the page mid-reply keeps what arrived, as the server keeps it (marked partial).
+    const keepPartial = () => {
+      if (text) state.log.push({ r: 'a', t: text }), save();
+    };
+    addEventListener('pagehide', keepPartial);
     let outcome = null;
     let done = false;
     let failed = null;
@@ -526,6 +533,7 @@ form button[aria-disabled=true]{opacity:.6;cursor:default}
       let buffer = '';
       for (;;) {
         const { value, done: ended } = await reader.read();
+        if (turn !== generation) return void (removeEventListener('pagehide', keepPartial), reader.cancel());
         buffer += decoder.decode(value || new Uint8Array(), { stream: !ended });
         let match;
         while ((match = /\r\n|\r|\n/.exec(buffer)) && !(match[0] === '\r' && match.index === buffer.length - 1 && !ended)) {
@@ -537,6 +545,7 @@ form button[aria-disabled=true]{opacity:.6;cursor:default}
     } catch (_) {
       // The connection dropped mid-stream: handled below as a stream without "done".
     }
+    removeEventListener('pagehide', keepPartial);
     if (!text) renderText(body, '');
     finishReply(body, text, outcome);
     if (failed) {

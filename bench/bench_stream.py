@@ -49,7 +49,7 @@ from bench.bench_widget import (
     load,
 )
 
-REPLY = " ".join(["Our", "shop", "is", "open", "from", "nine", "to", "six", "on", "weekdays."] * 3)
+REPLY = "Our shop is open from nine to six on weekdays."
 
 
 def _run_model(ready: Connection, first_token: float, interval: float) -> None:

@@ -97,3 +97,14 @@ class ModelUnavailable(DomainError):
 
     def __init__(self, detail: str | None = None, *, retry_after_seconds: int = 5) -> None:
         super().__init__(detail, headers={"Retry-After": str(retry_after_seconds)})
+
+
+class InternalError(DomainError):
+    """What an unexpected exception becomes: opaque, with nothing of the exception in it."""
+
+    status = 500
+    type_slug = "internal-error"
+    title = "Something went wrong on our side"
+
+    def __init__(self) -> None:
+        super().__init__("The error has been logged; quote the request id if you contact us.")

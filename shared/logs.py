@@ -12,6 +12,8 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
+from shared.cards import redact_pans
+
 REQUEST_ID = "request_id"
 FUNCTION = "function"
 METHOD = "method"
@@ -58,7 +60,8 @@ def redact(value: Any, key: str | None = None) -> Any:
                 value = value.replace(secret, REDACTED)
         for pattern in _SECRET_PATTERNS:
             value = pattern.sub(REDACTED, value)
-        return value
+        # Card data never reaches a log either, whatever field it strayed into.
+        return redact_pans(value)
     if isinstance(value, Mapping):
         return {str(k): redact(v, str(k)) for k, v in value.items()}
     if isinstance(value, list | tuple):

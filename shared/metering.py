@@ -28,6 +28,8 @@ from shared.db.session import Database, run_as_service
 
 Kind = Literal["chat", "embedding"]
 Outcome = Literal["ok", "error", "timeout", "cancelled", "rejected"]
+# Which key paid: the platform's, the organization's own (bring your own key), none (offline).
+KeySource = Literal["platform", "organization", "none"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +52,8 @@ class Usage:
     """The id sent with the call (``X-Client-Request-Id``); ``None`` for a call never sent."""
     provider_request_id: str | None = None
     """The provider's id for the call (its ``x-request-id``), when it answered."""
+    key_source: KeySource = "platform"
+    """Which key paid for the call."""
 
     def __post_init__(self) -> None:
         if self.outcome != "ok" and self.cost_microusd != 0 and not self.estimated:
@@ -67,10 +71,11 @@ _SETTLE_AND_INSERT = """
 with settled as (select private.settle_reservation(%(reservation_id)s, %(cost_microusd)s))
 insert into public.usage_events
   (org_id, agent_id, conversation_id, scan_id, kind, model, prompt_tokens, completion_tokens,
-   cost_microusd, latency_ms, outcome, request_id, estimated, client_request_id, provider_request_id)
+   cost_microusd, latency_ms, outcome, request_id, estimated, client_request_id, provider_request_id,
+   key_source)
 select %(org_id)s, %(agent_id)s, %(conversation_id)s, %(scan_id)s, %(kind)s, %(model)s, %(prompt_tokens)s,
        %(completion_tokens)s, %(cost_microusd)s, %(latency_ms)s, %(outcome)s, %(request_id)s,
-       %(estimated)s, %(client_request_id)s, %(provider_request_id)s
+       %(estimated)s, %(client_request_id)s, %(provider_request_id)s, %(key_source)s
   from settled
 returning id
 """
@@ -79,10 +84,11 @@ _RELEASE_AND_INSERT = """
 with released as (select private.release_reservation(%(reservation_id)s))
 insert into public.usage_events
   (org_id, agent_id, conversation_id, scan_id, kind, model, prompt_tokens, completion_tokens,
-   cost_microusd, latency_ms, outcome, request_id, estimated, client_request_id, provider_request_id)
+   cost_microusd, latency_ms, outcome, request_id, estimated, client_request_id, provider_request_id,
+   key_source)
 select %(org_id)s, %(agent_id)s, %(conversation_id)s, %(scan_id)s, %(kind)s, %(model)s, %(prompt_tokens)s,
        %(completion_tokens)s, %(cost_microusd)s, %(latency_ms)s, %(outcome)s, %(request_id)s,
-       %(estimated)s, %(client_request_id)s, %(provider_request_id)s
+       %(estimated)s, %(client_request_id)s, %(provider_request_id)s, %(key_source)s
   from released
 returning id
 """
@@ -90,10 +96,11 @@ returning id
 _INSERT = """
 insert into public.usage_events
   (org_id, agent_id, conversation_id, scan_id, kind, model, prompt_tokens, completion_tokens,
-   cost_microusd, latency_ms, outcome, request_id, estimated, client_request_id, provider_request_id)
+   cost_microusd, latency_ms, outcome, request_id, estimated, client_request_id, provider_request_id,
+   key_source)
 values (%(org_id)s, %(agent_id)s, %(conversation_id)s, %(scan_id)s, %(kind)s, %(model)s, %(prompt_tokens)s,
         %(completion_tokens)s, %(cost_microusd)s, %(latency_ms)s, %(outcome)s, %(request_id)s,
-        %(estimated)s, %(client_request_id)s, %(provider_request_id)s)
+        %(estimated)s, %(client_request_id)s, %(provider_request_id)s, %(key_source)s)
 returning id
 """
 

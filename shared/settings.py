@@ -32,6 +32,8 @@ class Settings(BaseSettings):
     # Upstash Redis REST endpoint (locally: the REST bridge in front of a real Redis).
     upstash_redis_rest_url: str = ""
     upstash_redis_rest_token: SecretStr = SecretStr("")
+    # A command not answered in time fails, and opens the circuit breaker (shared/redis.py).
+    upstash_redis_timeout_seconds: float = Field(default=3.0, gt=0, le=30)
 
     # Supabase Auth: access tokens are verified with the JWKS (asymmetric keys) or the legacy secret.
     supabase_url: str = ""

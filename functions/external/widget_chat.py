@@ -20,10 +20,9 @@ OriginHeader = Annotated[str | None, Header(alias="origin")]
 
 
 @router.get("/api/widget/{key}/config")
-async def config(key: str, db: Db, request: Request, response: Response, origin: OriginHeader = None) -> WidgetConfig:
+async def config(key: str, db: Db, request: Request, origin: OriginHeader = None) -> WidgetConfig:
     served = await service.widget_config(db, key=key, origin=origin)
     request.state.org_id = served.org_id
-    response.headers.update(served.headers)
     return served.body
 
 
@@ -38,7 +37,6 @@ async def chat(
     key: str,
     body: ChatRequest,
     request: Request,
-    response: Response,
     db: Db,
     queue: Queue,
     origin: OriginHeader = None,
@@ -58,7 +56,7 @@ async def chat(
             queue=queue,
         )
         request.state.org_id = turn.org_id
-        return EventStreamResponse(turn.body, headers=turn.headers)
+        return EventStreamResponse(turn.body)
     served = await service.chat(
         db,
         key=key,
@@ -70,9 +68,9 @@ async def chat(
         queue=queue,
     )
     request.state.org_id = served.org_id
-    response.headers.update(served.headers)
     return served.body
 
 
-app = create_app("widget_chat", [router])
+# Every answer depends on the Origin it was asked from (CORS), errors included: caches must know.
+app = create_app("widget_chat", [router], headers={"Vary": "Origin"})
 lambda_handler = Mangum(app, lifespan="off")

@@ -74,11 +74,13 @@ with page as (
    order by a.created_at, a.id
    limit %(limit)s
 )
-select count(*) as rows,
-       convert_to(coalesce(string_agg(p.line || E'\\n', '' order by p.created_at, p.id), ''), 'UTF8') as body,
-       (array_agg(p.created_at order by p.created_at desc, p.id desc))[1] as last_created_at,
-       (array_agg(p.id order by p.created_at desc, p.id desc))[1] as last_id
-  from page as p
+select (select count(*) from page) as rows,
+       convert_to(coalesce((select string_agg(p.line || E'\\n', '' order by p.created_at, p.id) from page as p), ''),
+                  'UTF8') as body,
+       last.created_at as last_created_at,
+       last.id as last_id
+  from (select p.created_at, p.id from page as p order by p.created_at desc, p.id desc limit 1) as last
+  right join (select) as one on true
 """
 
 # Built as text rather than with jsonb_build_object (measured: twice as fast), keys in column order;

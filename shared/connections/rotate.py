@@ -9,7 +9,9 @@ Rotation, step by step (docs/connections.md):
    service, be interrupted and be run again; it only touches rows sealed under another key.
 3. when it reports ``remaining: 0``, drop the old key from CREDENTIAL_KEYS and deploy.
 
-One audit-log row per organization records how many of its credentials were re-sealed.
+One audit-log row per organization records how many of its credentials were re-sealed. Organizations'
+own model keys (bring your own key, ``secrets.model_key_credentials``) are sealed with the same keys
+and re-sealed by the same run, each with an audit row ``model_key.resealed``.
 """
 
 from __future__ import annotations
@@ -44,7 +46,27 @@ update secrets.connection_credentials
  where connection_id = %(connection_id)s and key_id = %(old_key_id)s
 """
 
-_REMAINING = "select count(*) as n from secrets.connection_credentials where key_id <> %(current)s"
+_REMAINING = """
+select (select count(*) from secrets.connection_credentials where key_id <> %(current)s)
+     + (select count(*) from secrets.model_key_credentials where key_id <> %(current)s) as n
+"""
+
+_MODEL_KEY_BATCH = """
+select c.org_id, k.sealed_id, c.key_id, c.nonce, c.ciphertext
+  from secrets.model_key_credentials as c
+  join public.model_keys as k on k.org_id = c.org_id
+ where c.key_id <> %(current)s
+   and not (c.org_id = any (%(skip)s))
+ order by c.org_id
+ limit %(limit)s
+ for update of c skip locked
+"""
+
+_MODEL_KEY_RESEAL = """
+update secrets.model_key_credentials
+   set key_id = %(key_id)s, nonce = %(nonce)s, ciphertext = %(ciphertext)s
+ where org_id = %(org_id)s and key_id = %(old_key_id)s
+"""
 
 
 @dataclass(slots=True)
@@ -99,7 +121,19 @@ async def rotate_credentials(
                 )
                 report.resealed += 1
                 per_org[row["org_id"]] += 1
+    model_keys = await _reseal_model_keys(db, keyring, report, batch_size) if not dry_run else []
     async with as_service(db) as conn:
+        for org_id in model_keys:
+            await write_audit(
+                conn,
+                org_id=org_id,
+                action="model_key.resealed",
+                connection_id=None,
+                actor="credential-rotation",
+                actor_user_id=None,
+                details={"key_id": keyring.current_key_id},
+                request_id=None,
+            )
         for org_id, count in per_org.items():
             await write_audit(
                 conn,
@@ -114,6 +148,45 @@ async def rotate_credentials(
         left = await (await conn.execute(_REMAINING, {"current": keyring.current_key_id})).fetchone()
         report.remaining = int(left["n"]) if left else 0
     return report
+
+
+async def _reseal_model_keys(
+    db: Database, keyring: Keyring, report: RotationReport, batch_size: int
+) -> list[uuid.UUID]:
+    """Organizations' own model keys, bound to (org_id, sealed_id) as ``shared.gateway.keys`` opens them."""
+    skip: list[uuid.UUID] = []
+    resealed: list[uuid.UUID] = []
+    while True:
+        async with as_service(db) as conn:
+            rows = await (
+                await conn.execute(
+                    _MODEL_KEY_BATCH, {"current": keyring.current_key_id, "skip": skip, "limit": batch_size}
+                )
+            ).fetchall()
+            if not rows:
+                return resealed
+            for row in rows:
+                sealed = Sealed(key_id=row["key_id"], nonce=bytes(row["nonce"]), ciphertext=bytes(row["ciphertext"]))
+                try:
+                    new = keyring.reseal(sealed, org_id=row["org_id"], connection_id=row["sealed_id"])
+                except CredentialUnreadable:
+                    skip.append(row["org_id"])
+                    report.unreadable.append(f"model-key:{row['org_id']}")
+                    continue
+                if new is None:
+                    continue
+                await conn.execute(
+                    _MODEL_KEY_RESEAL,
+                    {
+                        "key_id": new.key_id,
+                        "nonce": new.nonce,
+                        "ciphertext": new.ciphertext,
+                        "org_id": row["org_id"],
+                        "old_key_id": row["key_id"],
+                    },
+                )
+                report.resealed += 1
+                resealed.append(row["org_id"])
 
 
 async def _main(args: argparse.Namespace) -> RotationReport:

@@ -12,13 +12,29 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, StringConstraints
 
+from shared.cards import Identifier
+
 Kind = Literal["slack_webhook", "discord_webhook", "github", "notion", "webhook"]
 DeliverKind = Literal["escalation", "draft", "lead"]
 ALL_DELIVER_KINDS: tuple[DeliverKind, ...] = ("escalation", "draft", "lead")
 
 Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
-SecretUrl = Annotated[SecretStr, Field(min_length=10, max_length=2048)]
-Token = Annotated[SecretStr, Field(min_length=8, max_length=512)]
+
+
+def _header_safe(value: SecretStr) -> SecretStr:
+    """Tokens and signing secrets travel in HTTP headers, which carry visible ASCII only; anything
+    else is refused here (a 422 that never repeats the value) rather than failing mid-request."""
+    if not all("!" <= ch <= "~" for ch in value.get_secret_value()):
+        raise ValueError("must be visible ASCII characters only, without spaces")
+    return value
+
+
+# Credentials are machine values: a Discord webhook URL holds a numeric id that can pass Luhn, and
+# no card scan reads them (shared/cards.py); they are encrypted and never shown again.
+SecretUrl = Annotated[SecretStr, Field(min_length=10, max_length=2048), Identifier("a webhook URL")]
+Token = Annotated[
+    SecretStr, Field(min_length=8, max_length=512), AfterValidator(_header_safe), Identifier("an API token")
+]
 
 
 # GitHub: owner 1-39 characters of letters, digits and inner hyphens; repository names of letters,
@@ -35,6 +51,7 @@ Repository = Annotated[
         strip_whitespace=True, max_length=140, pattern=r"^[A-Za-z0-9][A-Za-z0-9-]{0,38}/[A-Za-z0-9._-]{1,100}$"
     ),
     AfterValidator(_not_dot_path),
+    Identifier("a GitHub repository"),
 ]
 
 
@@ -79,7 +96,9 @@ class WebhookCreate(_CreateBase):
     kind: Literal["webhook"]
     url: SecretUrl
     # Standard Webhooks: "whsec_" + base64 of 24 to 64 random bytes; the customer keeps a copy to verify.
-    signing_secret: Annotated[SecretStr, Field(min_length=38, max_length=100)]
+    signing_secret: Annotated[
+        SecretStr, Field(min_length=38, max_length=100), AfterValidator(_header_safe), Identifier("a signing secret")
+    ]
 
 
 ConnectionCreate = Annotated[

@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
 import weakref
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
+from shared.egress import EgressDenied, EgressPolicy, Resolver, guarded_client
 from shared.gateway.answers import Completion, Embeddings, MalformedAnswer, completion_from, embeddings_from
 from shared.gateway.schemas import ToolCall
 from shared.gateway.tools import parse_arguments
@@ -43,9 +45,13 @@ FailureOutcome = Literal["error", "timeout"]
 
 @dataclass(frozen=True, slots=True)
 class ProviderConfig:
-    api_key: str
+    api_key: str = field(repr=False)
     base_url: str
     timeout_seconds: float
+    # An organization's own base URL is customer-supplied: its calls go through the egress guard.
+    egress: EgressPolicy | None = None
+    resolver: Resolver | None = None
+    key_ref: uuid.UUID | None = None  # which stored organization key this is (shared.gateway.keys)
 
 
 def config_from(settings: Settings) -> ProviderConfig | None:
@@ -118,10 +124,54 @@ def _client(config: ProviderConfig) -> AsyncOpenAI:
             base_url=config.base_url,
             timeout=config.timeout_seconds,
             max_retries=0,
-            http_client=DefaultAsyncHttpxClient(event_hooks={"request": [_follow]}),
+            http_client=(
+                _guarded_sdk_client(config)
+                if config.egress is not None
+                else DefaultAsyncHttpxClient(event_hooks={"request": [_follow]})
+            ),
         )
         per_loop[config] = client
     return client
+
+
+def _guarded_sdk_client(config: ProviderConfig) -> Any:
+    """An SDK HTTP client whose every request goes out through the egress guard.
+
+    The SDK speaks ``httpx2``; the guard is an ``httpx`` client. This transport hands each request
+    to the guard (which vets the URL and, at connect time, the resolved address), with its trace
+    hook (``CallProgress``), and the answer back, read whole: the guard caps its size, and the
+    gateway's deadline bounds its time.
+    """
+    import httpx
+    import httpx2
+
+    assert config.egress is not None  # noqa: S101 - the caller checks
+    guarded = guarded_client(policy=config.egress, resolver=config.resolver)
+
+    class _ThroughEgressGuard(httpx2.AsyncBaseTransport):
+        async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+            body = await request.aread()
+            outgoing = guarded.build_request(
+                request.method,
+                str(request.url),
+                headers=list(request.headers.raw),
+                content=body,
+                extensions={k: v for k, v in request.extensions.items() if k == "trace"},
+            )
+            try:
+                response = await guarded.send(outgoing)
+            except EgressDenied as exc:  # kept as the cause, so the failure is logged as a refusal
+                raise httpx2.ConnectError("the egress guard refused the model provider", request=request) from exc
+            except httpx.TimeoutException:
+                raise httpx2.ReadTimeout("the model provider did not answer in time", request=request) from None
+            except httpx.HTTPError:
+                raise httpx2.ConnectError("the model provider could not be reached", request=request) from None
+            return httpx2.Response(response.status_code, headers=response.headers.raw, content=response.content)
+
+        async def aclose(self) -> None:
+            await guarded.aclose()
+
+    return httpx2.AsyncClient(transport=_ThroughEgressGuard(), event_hooks={"request": [_follow]})
 
 
 async def close_clients() -> None:
@@ -143,9 +193,11 @@ async def _provider_call(config: ProviderConfig) -> AsyncIterator[None]:
         raise ProviderFailure("timeout", "model-timeout", may_be_billed=progress.body_sent) from None
     except openai.APIStatusError as exc:
         raise ProviderFailure("error", f"model-status-{exc.status_code}", may_be_billed=False) from None
-    except openai.APIConnectionError:
+    except openai.APIConnectionError as exc:
         # Refused, unreachable, TLS: nothing went out. Reset while the provider was working: as a timeout.
-        raise ProviderFailure("error", "model-connection", may_be_billed=progress.body_sent) from None
+        denied = isinstance(getattr(exc.__cause__, "__cause__", None), EgressDenied)
+        reason = "model-egress-denied" if denied else "model-connection"
+        raise ProviderFailure("error", reason, may_be_billed=progress.body_sent and not denied) from None
     except openai.OpenAIError:
         raise ProviderFailure("error", "model-error", may_be_billed=False) from None
 

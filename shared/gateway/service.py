@@ -41,7 +41,7 @@ from uuid import UUID
 from shared import budgets, metering
 from shared.db.session import Database, as_service
 from shared.errors import BudgetExhausted, ModelUnavailable, NotFound, RateLimited
-from shared.gateway import offline, provider
+from shared.gateway import keys, offline, provider
 from shared.gateway.schemas import MAX_REPLY_CHARS, ChatMessage, ChatResult, ToolCall
 from shared.gateway.tools import accepted_tool_calls, tool_names
 from shared.logs import DECISION_REASON, LATENCY_MS, ORG_ID, REQUEST_ID, log_event
@@ -215,7 +215,8 @@ async def chat(
     if not 1 <= max_tokens <= MAX_COMPLETION_TOKENS:
         raise ValueError(f"max_tokens must be between 1 and {MAX_COMPLETION_TOKENS}")
     price_of(model)  # an unknown model is refused even offline, so a misconfigured agent shows locally
-    config = provider.config_from(get_settings())
+    selection = await keys.select(db, org_id)
+    config = selection.config
     knowledge = knowledge or []
     offered = tool_names(tools)
     prompt = _provider_messages(messages, knowledge)
@@ -227,6 +228,7 @@ async def chat(
         model=model if config is not None else OFFLINE_MODEL,
         outcome="ok",
         request_id=request_id,
+        key_source=selection.source,
     )
 
     if config is None:
@@ -244,15 +246,16 @@ async def chat(
         online, sent_as = config, usage.client_request_id or ""
 
         async def call(granted: _Bound) -> _Answer[tuple[str, list[ToolCall]]]:
-            completion = await provider.complete(
-                online,
-                model=model,
-                messages=prompt,
-                tools=tools,
-                max_tokens=granted.completion_tokens,
-                temperature=temperature,
-                request_id=sent_as,
-            )
+            async with keys.watch(db, selection, request_id=request_id):
+                completion = await provider.complete(
+                    online,
+                    model=model,
+                    messages=prompt,
+                    tools=tools,
+                    max_tokens=granted.completion_tokens,
+                    temperature=temperature,
+                    request_id=sent_as,
+                )
             return _measured(
                 (completion.content, completion.tool_calls),
                 completion.prompt_tokens,
@@ -303,10 +306,10 @@ async def embed(
         raise ValueError(f"at most {MAX_EMBEDDING_INPUTS} texts per call")
     if any(not text.strip() for text in texts):
         raise ValueError("texts to embed must not be empty")
-    config = provider.config_from(get_settings())
-    if config is None:
+    selection = await keys.select(db, org_id)
+    if selection.config is None:
         return None
-    online = config
+    online = selection.config
     usage = Usage(
         org_id=org_id,
         agent_id=agent_id,
@@ -315,15 +318,17 @@ async def embed(
         model=EMBEDDING_MODEL,
         outcome="ok",
         request_id=request_id,
+        key_source=selection.source,
         client_request_id=_client_request_id(),
     )
     bound = _Bound(EMBEDDING_MODEL, prompt_token_bound(texts, messages=0), 0, 0)
     sent_as = usage.client_request_id or ""
 
     async def call(granted: _Bound) -> _Answer[list[list[float]]]:
-        result = await provider.embed(
-            online, model=EMBEDDING_MODEL, texts=texts, dimensions=EMBEDDING_DIMENSIONS, request_id=sent_as
-        )
+        async with keys.watch(db, selection, request_id=request_id):
+            result = await provider.embed(
+                online, model=EMBEDDING_MODEL, texts=texts, dimensions=EMBEDDING_DIMENSIONS, request_id=sent_as
+            )
         return _measured(result.vectors, result.prompt_tokens, 0, granted, usage, result.provider_request_id)
 
     vectors, _, _ = await _metered(

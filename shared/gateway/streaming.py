@@ -34,13 +34,15 @@ from uuid import UUID
 
 from shared import metering
 from shared.db.session import Database
-from shared.gateway import offline, provider
+from shared.gateway import keys, offline, provider
 from shared.gateway.schemas import ChatMessage, ToolCall
 from shared.gateway.service import (
     MAX_COMPLETION_TOKENS,
+    MIN_COMPLETION_TOKENS,
     BurstPass,
     _admit,
     _Bound,
+    _budget_freed,
     _client_request_id,
     _clipped,
     _elapsed_ms,
@@ -51,9 +53,8 @@ from shared.gateway.service import (
 )
 from shared.gateway.tools import accepted_tool_calls, tool_names
 from shared.metering import Usage
-from shared.pricing import OFFLINE_MODEL, cost_microusd, max_cost_microusd, price_of, prompt_token_bound
+from shared.pricing import OFFLINE_MODEL, cost_microusd, price_of, prompt_token_bound
 from shared.retrieval import RetrievedChunk
-from shared.settings import get_settings
 
 StreamEnding = Literal["finished", "failed", "cut_short"]
 
@@ -147,7 +148,7 @@ class ChatStream:
                 model=self._usage.model,
                 messages=self._prompt,
                 tools=self._tools,
-                max_tokens=self._max_tokens,
+                max_tokens=self._bound.completion_tokens,
                 temperature=self._temperature,
                 request_id=self._usage.client_request_id or "",
                 into=self._received,
@@ -155,6 +156,11 @@ class ChatStream:
                 yield text
         except provider.ProviderFailure as failure:
             self._failure = failure
+            selection = keys.Selection(self._config, self._usage.key_source, self._usage.org_id)
+            try:  # an organization's own key refused by its provider is marked broken, as for any call
+                await keys.note_failure(self._db, selection, failure, request_id=self._usage.request_id)
+            except Exception:  # the words already shown, and the metering in finish(), matter more
+                _log(self._usage, "could not note a model key failure", logging.ERROR, "model-key-note-failed")
 
     async def finish(self) -> StreamedChat:
         """Meter the call and settle its reservation (once), and say how the stream ended.
@@ -173,9 +179,11 @@ class ChatStream:
         received = self._received
         started = self._started if self._started is not None else time.perf_counter()
         usage = replace(self._usage, provider_request_id=received.provider_request_id)
-        if received.finished or received.completion_tokens is not None:
-            # Finished, or at least measured: the usage chunk comes after the finish reason.
-            ending: StreamEnding = "finished" if self._failure is None else "failed"
+        ending: StreamEnding = (
+            "finished" if received.finished else "failed" if self._failure is not None else "cut_short"
+        )
+        if received.completion_tokens is not None or (received.finished and self._failure is None):
+            # Measured (the usage chunk came), or finished without one: the bound, as an estimate.
             measured = _measured(None, received.prompt_tokens, received.completion_tokens, self._bound, usage, None)
             usage = replace(
                 usage,
@@ -188,7 +196,7 @@ class ChatStream:
                 estimated=measured.estimated,
             )
         elif self._failure is not None:
-            ending = "failed"
+            # Failed before the usage chunk (even after the finish reason: the connection broke).
             usage = _unanswered(
                 usage, self._failure.outcome, self._bound, billed=self._failure.may_be_billed, started=started
             )
@@ -196,7 +204,6 @@ class ChatStream:
                 usage, "model call failed mid-stream", logging.WARNING, self._failure.reason, estimated=usage.estimated
             )
         else:
-            ending = "cut_short"
             usage = _unanswered(usage, "cancelled", self._bound, billed=received.request_sent, started=started)
             _log(
                 usage,
@@ -207,6 +214,7 @@ class ChatStream:
             )
         try:
             usage_event_id = await metering.record(self._db, usage, reservation_id=self._reservation_id)
+            _budget_freed(usage.org_id)
         except Exception:
             _log(usage, "could not meter a streamed call", logging.ERROR, "stream-metering-failed")
             raise
@@ -251,7 +259,8 @@ async def open_chat_stream(
     if not 1 <= max_tokens <= MAX_COMPLETION_TOKENS:
         raise ValueError(f"max_tokens must be between 1 and {MAX_COMPLETION_TOKENS}")
     price_of(model)  # an unknown model is refused even offline, as in ``chat``
-    config = provider.config_from(get_settings())
+    selection = await keys.select(db, org_id)
+    config = selection.config
     knowledge = knowledge or []
     prompt = _provider_messages(messages, knowledge)
     usage = Usage(
@@ -262,24 +271,29 @@ async def open_chat_stream(
         model=model if config is not None else OFFLINE_MODEL,
         outcome="ok",
         request_id=request_id,
+        key_source=selection.source,
     )
     if config is None:
-        bound = _Bound(0, 0, 0)
+        bound = _Bound(OFFLINE_MODEL, 0, 0, 0)
     else:
         prompt_bound = prompt_token_bound((content for _, content in prompt), messages=len(prompt), tools=tools or ())
-        bound = _Bound(
-            prompt_bound,
-            max_tokens,
-            max_cost_microusd(model, prompt_token_bound=prompt_bound, max_completion_tokens=max_tokens),
-        )
+        bound = _Bound(model, prompt_bound, max_tokens, min(max_tokens, MIN_COMPLETION_TOKENS))
         usage = replace(usage, client_request_id=_client_request_id())
-    reservation_id = await _admit(
-        db, usage, estimate=bound.cost_microusd, burst_per_minute=burst_per_minute, burst_pass=burst_pass
-    )
+    reservation = await _admit(db, usage, bound=bound, burst_per_minute=burst_per_minute, burst_pass=burst_pass)
+    if reservation.amount_microusd < bound.cost_microusd:
+        # As in ``chat``: the budget's room lowers the reply's allowance down to the bound's floor.
+        bound = bound.within(reservation.amount_microusd)
+        _log(
+            usage,
+            "the budget's room lowered the reply allowance",
+            logging.INFO,
+            "completion-lowered",
+            max_completion_tokens=bound.completion_tokens,
+        )
     return ChatStream(
         db,
         usage,
-        reservation_id=reservation_id,
+        reservation_id=reservation.id,
         config=config,
         prompt=prompt,
         bound=bound,

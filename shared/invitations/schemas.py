@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from shared.cards import Identifier
 
 Role = Literal["owner", "admin", "member"]
 
@@ -16,7 +18,11 @@ class InvitationCreate(BaseModel):
 
     org_id: uuid.UUID
     # Supabase Auth validates the address again; this only keeps obvious junk out.
-    email: str = Field(min_length=3, max_length=320, pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+    email: Annotated[
+        str,
+        Field(min_length=3, max_length=320, pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$"),
+        Identifier("an email address"),  # a phone number as the local part is an address, not a card
+    ]
     role: Role = "member"
 
     @field_validator("email")

@@ -10,6 +10,7 @@ from typing import Annotated, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from shared.cards import Identifier
 from shared.egress import SCAN_POLICY, EgressPolicy, Resolver
 
 ScanStatus = Literal["queued", "running", "completed", "failed", "budget_exhausted", "cancelled"]
@@ -70,7 +71,7 @@ class ScanCreate(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     agent_id: uuid.UUID
-    start_url: Annotated[str, Field(min_length=8, max_length=2048)]
+    start_url: Annotated[str, Field(min_length=8, max_length=2048), Identifier("a URL")]
     # Capped by the plan (organization_limits.max_scan_pages); omitted means the plan's maximum.
     page_limit: Annotated[int, Field(ge=1, le=MAX_PAGE_LIMIT)] | None = None
     max_depth: Annotated[int, Field(ge=0, le=20)] = DEFAULT_MAX_DEPTH

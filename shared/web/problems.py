@@ -1,12 +1,13 @@
 """RFC 9457 problem documents: the one place errors become responses.
 
 Validation errors report ``loc`` and ``msg`` but never the submitted ``input`` (a mistyped token
-must not be echoed back). Anything unexpected becomes an opaque 500 with only a request id.
+must not be echoed back); a ``loc`` can hold a key the client chose, so card numbers are removed
+from it. Anything unexpected becomes an opaque 500 with only a request id, rendered by the app
+factory's middleware (``shared/web/app.py``) so that it keeps every header.
 """
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -14,9 +15,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from shared.cards import redact_pans
 from shared.egress import EgressDenied
 from shared.errors import DomainError
-from shared.logs import DECISION_REASON, REQUEST_ID, log_event
+from shared.logs import REQUEST_ID
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 PROBLEM_BASE = "https://hiredhands.dev/problems/"
@@ -67,10 +69,16 @@ async def _egress_denied(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
-async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
-    if not isinstance(exc, RequestValidationError):  # registered for this type only
-        raise exc
-    errors = [{"loc": list(err.get("loc", ())), "msg": str(err.get("msg", ""))} for err in exc.errors()]
+def _safe_loc_part(part: Any) -> str | int:
+    """A ``loc`` step as it may be shown: a key the client chose loses any card number and any
+    character that is not valid Unicode, and long keys are cut."""
+    if isinstance(part, int):
+        return part
+    text = redact_pans(str(part)).encode("utf-8", "replace").decode("utf-8")
+    return text if len(text) <= 100 else text[:100] + "…"
+
+
+def _validation_problem(request: Request, errors: list[dict[str, Any]]) -> JSONResponse:
     return problem(
         request,
         status=422,
@@ -81,9 +89,29 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    if not isinstance(exc, RequestValidationError):  # registered for this type only
+        raise exc
+    errors = [
+        {"loc": [_safe_loc_part(p) for p in err.get("loc", ())], "msg": str(err.get("msg", ""))} for err in exc.errors()
+    ]
+    return _validation_problem(request, errors)
+
+
+# Why FastAPI could not read a body it then calls "There was an error parsing the body" (a 400).
+_UNREADABLE_BODY = {
+    UnicodeDecodeError: "JSON text must be UTF-8, UTF-16 or UTF-32; the body has bytes that are not",
+    RecursionError: "JSON is nested too deeply to be read",
+}
+
+
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     if not isinstance(exc, StarletteHTTPException):  # registered for this type only
         raise exc
+    if exc.status_code == 400 and exc.__cause__ is not None:
+        # The body parser failed on the body itself: that is invalid input, said like any other.
+        reason = _UNREADABLE_BODY.get(type(exc.__cause__), "The body could not be read as JSON")
+        return _validation_problem(request, [{"loc": ["body"], "msg": reason}])
     slug = _HTTP_SLUGS.get(exc.status_code, "http-error")
     title = slug.replace("-", " ").capitalize()
     # Only our own code sets a detail on these (e.g. the body limit); framework defaults are dropped.
@@ -93,25 +121,8 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
-async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
-    log_event(
-        "unhandled error",
-        logging.ERROR,
-        **{REQUEST_ID: getattr(request.state, REQUEST_ID, None), DECISION_REASON: "internal-error"},
-        error_type=type(exc).__name__,
-    )
-    return problem(
-        request,
-        status=500,
-        slug="internal-error",
-        title="Something went wrong on our side",
-        detail="The error has been logged; quote the request id if you contact us.",
-    )
-
-
 def install_problem_handlers(app: FastAPI) -> None:
     app.add_exception_handler(DomainError, _domain_error)
     app.add_exception_handler(EgressDenied, _egress_denied)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
-    app.add_exception_handler(Exception, _unexpected_error)

@@ -50,8 +50,15 @@ class EventSource(Protocol):
 class EventStreamResponse(Response):
     media_type = "text/event-stream"
 
-    def __init__(self, source: EventSource, headers: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        source: EventSource,
+        headers: Mapping[str, str] | None = None,
+        *,
+        keep_alive_seconds: float = KEEP_ALIVE_SECONDS,
+    ) -> None:
         self.source = source
+        self.keep_alive_seconds = keep_alive_seconds
         self.status_code = 200
         self.background = None
         self.init_headers({**(headers or {}), "X-Accel-Buffering": "no"})
@@ -76,7 +83,7 @@ class EventStreamResponse(Response):
         watcher = asyncio.ensure_future(watch())
         try:
             await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-            await self._pump(queue, watcher, send)
+            await self._pump(queue, watcher, send, self.keep_alive_seconds)
         except OSError:
             pass  # servers on ASGI 2.4 report a client that left by failing the send
         finally:
@@ -86,13 +93,15 @@ class EventStreamResponse(Response):
             await asyncio.shield(self._settle(producer))
 
     @staticmethod
-    async def _pump(queue: asyncio.Queue[bytes | None], watcher: asyncio.Future[None], send: Send) -> None:
+    async def _pump(
+        queue: asyncio.Queue[bytes | None], watcher: asyncio.Future[None], send: Send, keep_alive_seconds: float
+    ) -> None:
         """Send each event as it comes, a keep-alive comment after each quiet interval, until the
         source ends or the client leaves."""
         while True:
             getting: asyncio.Future[bytes | None] = asyncio.ensure_future(queue.get())
             waiting: set[asyncio.Future[Any]] = {getting, watcher}
-            done, _ = await asyncio.wait(waiting, timeout=KEEP_ALIVE_SECONDS, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(waiting, timeout=keep_alive_seconds, return_when=asyncio.FIRST_COMPLETED)
             if getting not in done:
                 getting.cancel()
                 if watcher in done:

@@ -5,8 +5,8 @@
 1. Verify the visitor token, if any (no I/O).
 2. One read (``queries.chat_context``): the agent behind the key's hash, its organization's limits
    and, for a valid token, the conversation and its recent history. No row: ``WidgetNotFound``.
-3. The origin policy (``cors.decide``); from here on every response, errors included, carries the
-   CORS headers of an allowed origin.
+3. The origin policy (``cors.decide``); from here on every answer, errors and an unexpected 500
+   included, carries the CORS headers of an allowed origin (``add_answer_headers``).
 4. Rate limits in Redis: per visitor (the client address, per agent), a 429 with ``Retry-After``;
    then, in one Redis request, per agent (a 429) and the organization's burst limit for the turn's
    model calls (``gateway.admit_burst``; refused: ``AgentUnavailable``). Redis unreachable: the
@@ -29,8 +29,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal, TypeVar
@@ -39,7 +37,7 @@ from uuid import UUID
 from shared import gateway, reviews
 from shared.connections import outbox
 from shared.db.session import Database
-from shared.errors import BudgetExhausted, DomainError, ModelUnavailable, RateLimited
+from shared.errors import BudgetExhausted, ModelUnavailable, RateLimited
 from shared.gateway import WIDGET_TOOLS, ChatMessage, ChatResult, ToolCall
 from shared.logs import DECISION_REASON, ORG_ID, REQUEST_ID, log_event
 from shared.queues import PRODUCTION as QUEUE
@@ -47,6 +45,7 @@ from shared.queues import QueueEnvironment
 from shared.ratelimit import LimitCheck, RateLimitRule, hit
 from shared.redis import get_redis
 from shared.retrieval import RetrievedChunk, search_knowledge
+from shared.web.headers import add_answer_headers
 from shared.widget import cors, queries, visitor_tokens
 from shared.widget.errors import (
     AgentUnavailable,
@@ -98,22 +97,11 @@ _ROLE_FOR_MODEL = {"visitor": "user", "agent": "assistant"}
 
 @dataclass(frozen=True, slots=True)
 class Served[T]:
-    """A response body, the headers that go with it (CORS for the request's origin) and, for the
-    request's log line, the organization it served."""
+    """A response body and, for the request's log line, the organization it served. The CORS headers
+    for the request's origin are on every answer already (``add_answer_headers``)."""
 
     body: T
-    headers: dict[str, str]
     org_id: str
-
-
-@contextmanager
-def _with_headers(headers: dict[str, str]) -> Iterator[None]:
-    """Add ``headers`` to any domain error raised inside, so the widget can read it cross-origin."""
-    try:
-        yield
-    except DomainError as error:
-        error.headers = {**headers, **error.headers}
-        raise
 
 
 # -- config and preflight ---------------------------------------------------------------------------
@@ -123,9 +111,9 @@ async def widget_config(db: Database, *, key: str, origin: str | None) -> Served
     row = await queries.widget_config(db, key_hash=hash_key(key))
     if row is None:
         raise WidgetNotFound()
-    decision = cors.decide(origin, row.allowed_origins)
+    add_answer_headers(cors.decide(origin, row.allowed_origins).headers())
     config = WidgetConfig(display_name=row.display_name, greeting=row.greeting, theme=row.theme)
-    return Served(config, decision.headers(), str(row.org_id))
+    return Served(config, str(row.org_id))
 
 
 async def preflight(db: Database, *, key: str, origin: str | None) -> dict[str, str]:
@@ -185,47 +173,44 @@ async def chat(
     if context is None:
         raise WidgetNotFound()
     decision = cors.decide(origin, context.allowed_origins)
-    headers = decision.headers()
-    with _with_headers(headers):
-        # Limits first: a request with a bad token still counts, so guessing costs allowance too.
-        burst_pass = await _enforce_rate_limits(db, context, visitor_address_key(client_address), request_id)
-        conversation_id, visitor_id = _conversation(context, claims, token, request)
-        reply, status, items, result = await _answer(
-            db, context, conversation_id, request.message, request_id, burst_pass
-        )
-        stored = await queries.store_turn(
-            db,
-            conversation_id=conversation_id,
-            org_id=context.org_id,
-            agent_id=context.agent_id,
-            visitor_id=visitor_id,
-            origin=decision.origin,
-            messages=[
-                queries.NewMessage("visitor", request.message, received_at),
-                queries.NewMessage(
-                    "agent" if status == "answered" else "system",
-                    reply,
-                    datetime.now(UTC),
-                    model=result.model if result else None,
-                    prompt_tokens=result.prompt_tokens if result else None,
-                    completion_tokens=result.completion_tokens if result else None,
-                    usage_event_id=result.usage_event_id if result else None,
-                ),
-            ],
-            items=items,
-        )
-        if stored.messages == 0 or stored.token_generation is None:
-            # The conversation changed hands or was closed between the read and the write; never
-            # write into it.
-            raise ConversationNotFound()
-        # Committed: now the queue may hear of the deliveries (a lost message is the sweeper's).
-        await outbox.announce(db, queue, stored.item_ids)
-        new_token, expires_at = visitor_tokens.issue(
-            conversation_id=conversation_id,
-            agent_id=context.agent_id,
-            visitor_id=visitor_id,
-            generation=stored.token_generation,
-        )
+    add_answer_headers(decision.headers())
+    # Limits first: a request with a bad token still counts, so guessing costs allowance too.
+    burst_pass = await _enforce_rate_limits(db, context, visitor_address_key(client_address), request_id)
+    conversation_id, visitor_id = _conversation(context, claims, token, request)
+    reply, status, items, result = await _answer(db, context, conversation_id, request.message, request_id, burst_pass)
+    stored = await queries.store_turn(
+        db,
+        conversation_id=conversation_id,
+        org_id=context.org_id,
+        agent_id=context.agent_id,
+        visitor_id=visitor_id,
+        origin=decision.origin,
+        messages=[
+            queries.NewMessage("visitor", request.message, received_at),
+            queries.NewMessage(
+                "agent" if status == "answered" else "system",
+                reply,
+                datetime.now(UTC),
+                model=result.model if result else None,
+                prompt_tokens=result.prompt_tokens if result else None,
+                completion_tokens=result.completion_tokens if result else None,
+                usage_event_id=result.usage_event_id if result else None,
+            ),
+        ],
+        items=items,
+    )
+    if stored.messages == 0 or stored.token_generation is None:
+        # The conversation changed hands or was closed between the read and the write; never
+        # write into it.
+        raise ConversationNotFound()
+    # Committed: now the queue may hear of the deliveries (a lost message is the sweeper's).
+    await outbox.announce(db, queue, stored.item_ids)
+    new_token, expires_at = visitor_tokens.issue(
+        conversation_id=conversation_id,
+        agent_id=context.agent_id,
+        visitor_id=visitor_id,
+        generation=stored.token_generation,
+    )
     body = ChatReply(
         conversation_id=conversation_id,
         visitor_token=new_token,
@@ -233,7 +218,7 @@ async def chat(
         reply=reply,
         status=status,
     )
-    return Served(body, headers, str(context.org_id))
+    return Served(body, str(context.org_id))
 
 
 def _conversation(

@@ -37,6 +37,7 @@ from shared.gateway import WIDGET_TOOLS, ChatStream, StreamedChat
 from shared.logs import DECISION_REASON, ORG_ID, REQUEST_ID, log_event
 from shared.queues import PRODUCTION as QUEUE
 from shared.queues import QueueEnvironment
+from shared.web.headers import add_answer_headers
 from shared.web.sse import event
 from shared.widget import cors, queries, service, visitor_tokens
 from shared.widget.errors import AgentUnavailable, ConversationNotFound, WidgetNotFound
@@ -247,13 +248,12 @@ async def open_chat_stream(
     if context is None:
         raise WidgetNotFound()
     decision = cors.decide(origin, context.allowed_origins)
-    headers = decision.headers()
-    with service._with_headers(headers):
-        burst_pass = await service._enforce_rate_limits(
-            db, context, service.visitor_address_key(client_address), request_id
-        )
-        conversation_id, visitor_id = service._conversation(context, claims, token, request)
-        stream = await _open_model_stream(db, context, conversation_id, request.message, request_id, burst_pass)
+    add_answer_headers(decision.headers())
+    burst_pass = await service._enforce_rate_limits(
+        db, context, service.visitor_address_key(client_address), request_id
+    )
+    conversation_id, visitor_id = service._conversation(context, claims, token, request)
+    stream = await _open_model_stream(db, context, conversation_id, request.message, request_id, burst_pass)
     turn = StreamedTurn(
         db,
         context,
@@ -266,7 +266,7 @@ async def open_chat_stream(
         stream=stream,
         queue=queue,
     )
-    return service.Served(turn, headers, str(context.org_id))
+    return service.Served(turn, str(context.org_id))
 
 
 async def _open_model_stream(

@@ -46,6 +46,11 @@ async def ask(page: Page, text: str) -> None:
     await message_box(page).press("Enter")
 
 
+async def turn_over(page: Page) -> None:
+    """Wait for the reply's end (the stream's ``done``, or the JSON answer): the send button is enabled."""
+    await expect(page.locator(f"{TAG} form button")).to_have_attribute("aria-disabled", "false")
+
+
 async def open_widget(page: Page, url: str) -> None:
     await page.goto(url)
     await launcher(page).click()
@@ -82,6 +87,7 @@ class TestConversation:
         await expect(link).to_have_attribute("href", "https://harbour.example/hours")
         await expect(link).to_have_attribute("rel", "noopener noreferrer")
         await expect(link).to_have_attribute("target", "_blank")
+        await turn_over(page)
         await page.snap("answered")
 
         await page.reload()
@@ -92,6 +98,7 @@ class TestConversation:
         stack.fake.reply = ScriptedReply(content="Saturdays too, from ten.")
         await ask(page, "And on Saturdays?")
         await expect(replies(page).nth(2)).to_contain_text("Saturdays too")
+        await turn_over(page)
 
         stored = stack.sql(
             "select count(*), count(distinct m.conversation_id) from public.messages m"
@@ -101,6 +108,29 @@ class TestConversation:
         assert stored == [(4, 1)], "the reloaded page did not continue the same conversation"
         history = stack.fake.requests_to("/v1/chat/completions")[-1].body["messages"]
         assert any("When do you open?" in str(m.get("content")) for m in history)
+
+    async def test_starting_a_new_conversation_forgets_the_old_one_on_this_device(
+        self, stack: Stack, widget: Widget, open_page: Any
+    ) -> None:
+        stack.fake.reply = ScriptedReply(content="Noted.")
+        page = await open_widget_page(page_opener=open_page, url=stack.site_url)
+        assert await page.evaluate("localStorage.length") == 0, "something was stored before the first message"
+        await ask(page, "My order is late")
+        await expect(replies(page).nth(1)).to_contain_text("Noted.")
+        await turn_over(page)
+        assert await page.evaluate("localStorage.length") == 1
+
+        await page.get_by_role("button", name="Start a new conversation").click()
+        assert await page.evaluate("localStorage.length") == 0
+        await expect(replies(page)).to_have_count(1)  # the greeting alone
+        await expect(page.locator(f"{TAG} .msg.v")).to_have_count(0)
+        await ask(page, "A new question")
+        await expect(replies(page).nth(1)).to_contain_text("Noted.")
+        await turn_over(page)
+        conversations = stack.sql(
+            "select count(*) from public.conversations where agent_id = %(agent)s", {"agent": widget.agent_id}
+        )
+        assert conversations == [(2,)]
 
     async def test_the_theme_passes_wcag_aa_and_the_sites_css_does_not_reach_the_widget(
         self, stack: Stack, widget: Widget, open_page: Any
@@ -140,7 +170,6 @@ SAMPLE_FRAMES = f"""() => {{
 
 
 class TestProgressiveAnswer:
-    @pytest.mark.xfail(strict=True, reason="the chat endpoint answers JSON until the streamed replies land")
     async def test_the_answer_appears_progressively(self, stack: Stack, widget: Widget, open_page: Any) -> None:
         answer = "One two three four five six seven eight nine ten."
         stack.fake.reply = ScriptedReply(content=answer)
@@ -158,6 +187,8 @@ class TestProgressiveAnswer:
         )
         await page.evaluate(SAMPLE_FRAMES)
         await ask(page, "Count to ten")
+        await expect(replies(page).nth(1)).to_contain_text("three")
+        await page.snap("streaming")
         await expect(replies(page).nth(1)).to_contain_text(answer)
 
         assert content_types, "no chat answer was seen"
@@ -165,6 +196,42 @@ class TestProgressiveAnswer:
         painted = await page.evaluate("window.__frames")
         partial = sorted({length for length in painted if 0 < length < len(answer)})
         assert len(partial) >= 2, f"the reply was painted {len(partial)} times before its end: {partial}"
+
+
+class TestJsonAnswer:
+    async def test_a_json_answer_works_as_well_and_continues_the_conversation(
+        self, stack: Stack, widget: Widget, open_page: Any
+    ) -> None:
+        # As if a proxy dropped the widget's Accept header: the real API then answers JSON.
+        async def accept_json_only(route: Any) -> None:
+            await route.continue_(headers={**route.request.headers, "accept": "application/json"})
+
+        page = await open_page()
+        await page.route(stack.chat_url_pattern, accept_json_only)
+        content_types: list[str] = []
+        page.on(
+            "response",
+            lambda r: (
+                content_types.append(r.headers.get("content-type", ""))
+                if r.request.method == "POST" and stack.chat_url_pattern.match(r.url)
+                else None
+            ),
+        )
+        stack.fake.reply = ScriptedReply(content="A whole answer at once.")
+        await open_widget(page, stack.site_url)
+        await ask(page, "Hello")
+        await expect(replies(page).nth(1)).to_contain_text("A whole answer at once.")
+        stack.fake.reply = ScriptedReply(content="And another.")
+        await ask(page, "Again")
+        await expect(replies(page).nth(2)).to_contain_text("And another.")
+        await turn_over(page)
+        assert content_types == ["application/json", "application/json"]
+        stored = stack.sql(
+            "select count(distinct conversation_id) from public.conversations c"
+            " join public.messages m on m.conversation_id = c.id where c.agent_id = %(agent)s",
+            {"agent": widget.agent_id},
+        )
+        assert stored == [(1,)]
 
 
 class TestHandOver:
@@ -181,6 +248,7 @@ class TestHandOver:
         await ask(page, "Can I talk to a person, please?")
         await expect(notes(page).last).to_have_text(FOLLOW_UP)
         await expect(page.locator(f"{TAG} [aria-live=polite]")).to_have_text(FOLLOW_UP)
+        await turn_over(page)
         escalations = stack.sql(
             "select count(*) from public.review_items where agent_id = %(agent)s and kind = 'escalation'",
             {"agent": widget.agent_id},
@@ -327,6 +395,7 @@ class TestRefusals:
         await open_widget(page, stack.site_url)
         await ask(page, "One")
         await expect(replies(page).nth(1)).to_contain_text("First answer.")
+        await turn_over(page)
         await ask(page, "Two")
         await expect(notes(page).last).to_contain_text("You're sending messages a little fast.")
         refused = statuses[-1]

@@ -128,6 +128,21 @@ async def tenant(db: Connection) -> dict[str, Any]:
     await db.execute(
         "insert into public.audit_log (org_id, actor, action) values (%(org)s, 'service', 'test.created')", p
     )
+    await db.execute(
+        "insert into public.invitations (org_id, email, role, expires_at)"
+        " values (%(org)s, 'invitee@a.example', 'member', now() + interval '7 days')",
+        p,
+    )
+    await db.execute(
+        "insert into public.model_keys (org_id, sealed_id, base_url, key_hint)"
+        " values (%(org)s, gen_random_uuid(), 'https://llm.a.example/v1', 'ab12')",
+        p,
+    )
+    await db.execute(
+        "insert into secrets.model_key_credentials (org_id, key_id, nonce, ciphertext)"
+        " values (%(org)s, 'k1', '\\x000000000000000000000000', '\\x00')",
+        p,
+    )
     return {"org": org, "admin": admin, "member": member, "owner": org["owner"], "ids": p}
 
 

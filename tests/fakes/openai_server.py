@@ -4,6 +4,7 @@
 
 * ``POST /v1/chat/completions``: a ``chat.completion`` with the scripted ``reply`` (text and/or
   function tool calls) and its usage;
+* ``GET /v1/models``: the model list (what a key may use);
 * ``POST /v1/embeddings``: one deterministic unit vector per input (derived from the text, or
   taken from ``vectors``), as floats or base64 (what the SDK asks for by default), with usage.
 
@@ -139,6 +140,7 @@ class FakeOpenAI:
             routes=[
                 Route("/v1/chat/completions", self._chat, methods=["POST"]),
                 Route("/v1/embeddings", self._embeddings, methods=["POST"]),
+                Route("/v1/models", self._models, methods=["GET"]),
             ]
         )
 
@@ -157,6 +159,18 @@ class FakeOpenAI:
         if self.raw_body is not None:
             return body, self._answered(JSONResponse(self.raw_body))
         return body, None
+
+    async def _models(self, request: Request) -> JSONResponse:
+        """``GET /v1/models``: what a key may use (the cheapest call that proves a key works)."""
+        self.requests.append(RecordedRequest(request.url.path, {}, dict(request.headers)))
+        self.request_arrived.set()
+        if request.headers.get("authorization") != f"Bearer {self.api_key}":
+            return _error(401, "Incorrect API key provided.", "invalid_request_error")
+        if self.fail_status is not None:
+            return _error(self.fail_status, "The server had an error processing your request.", "server_error")
+        models = ["gpt-4o-mini", "gpt-4o", "text-embedding-3-small"]
+        data = [{"id": m, "object": "model", "created": 0, "owned_by": "system"} for m in models]
+        return JSONResponse({"object": "list", "data": data})
 
     def _answered[R: Response](self, response: R) -> R:
         request_id = f"req_{secrets.token_hex(16)}"

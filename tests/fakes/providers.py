@@ -204,8 +204,8 @@ class FakeDiscord(FakeServer):
         super().reset()
         self.messages.clear()
 
-    def webhook(self, state: str = "active") -> str:
-        hook_id = str(next(self._ids))
+    def webhook(self, state: str = "active", hook_id: str | None = None) -> str:
+        hook_id = hook_id or str(next(self._ids))
         token = uuid.uuid4().hex + uuid.uuid4().hex[:20]
         self.hooks[hook_id] = (token, state)
         return f"{self.url}/api/webhooks/{hook_id}/{token}"

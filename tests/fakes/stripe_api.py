@@ -269,6 +269,8 @@ def fake_stripe() -> Iterator[FakeStripe]:
             side_effect=fake._expire_checkout_session
         )
         router.post("/v1/billing_portal/sessions").mock(side_effect=fake._create_portal_session)
+        # Everything else (the Redis REST bridge, loopback fakes) is not Stripe's: let it through.
+        router.route(host__regex=r"^(?!stripe\.test$)").pass_through()
         yield fake
 
 

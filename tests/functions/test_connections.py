@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
+from hypothesis import HealthCheck, given, settings
 from psycopg import AsyncConnection
 from psycopg.rows import DictRow
 from standardwebhooks import Webhook
@@ -33,6 +34,7 @@ from shared.db.session import get_database
 from shared.egress import EgressPolicy
 from shared.ratelimit import check
 from shared.redis import get_redis
+from tests.card_data import snowflakes
 from tests.conftest import TransactionDatabase
 from tests.factories import access_token, add_member, closed_port, create_org, user_claims
 from tests.fakes.providers import Answer, Fakes, running_fakes
@@ -263,6 +265,34 @@ class TestCreateDiscord:
         url = issued(fakes.discord.webhook(state=state))
         body = {"org_id": str(org["id"]), "kind": "discord_webhook", "name": "Alerts", "webhook_url": url}
         assert_refused(await api.create(org["owner"], body), expected)
+        assert await connections_of(db, org) == []
+
+
+class TestNumericIdsAreNotCards:
+    """Discord webhook ids are 17-19-digit numbers and one in ten passes Luhn; they are ids, not cards."""
+
+    @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(snowflake=snowflakes())
+    async def test_discord_webhooks_with_luhn_valid_ids_are_created(
+        self, api: Api, db: Connection, fakes: Fakes, snowflake: str
+    ) -> None:
+        org = await create_org(db)  # one per example: each organization's checks are rate limited
+        url = issued(fakes.discord.webhook(hook_id=snowflake))
+        body = {"org_id": str(org["id"]), "kind": "discord_webhook", "name": f"Alerts {uuid.uuid4().hex[:8]}"}
+        response = await api.create(org["owner"], {**body, "webhook_url": url})
+        assert response.status_code == 201, response.text
+
+    @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(snowflake=snowflakes())
+    async def test_the_same_number_typed_into_the_name_is_refused_and_nothing_is_stored(
+        self, api: Api, db: Connection, fakes: Fakes, snowflake: str
+    ) -> None:
+        org = await create_org(db)
+        url = issued(fakes.discord.webhook(hook_id=snowflake))
+        body = {"org_id": str(org["id"]), "kind": "discord_webhook", "name": f"card {snowflake}", "webhook_url": url}
+        response = await api.create(org["owner"], body)
+        assert_refused(response, slug="card-data-refused")
+        assert snowflake not in response.text
         assert await connections_of(db, org) == []
 
 

@@ -24,6 +24,8 @@ import psycopg
 import pytest
 import redis
 from fastapi import FastAPI
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from psycopg import AsyncConnection
 from psycopg.rows import dict_row
 
@@ -38,6 +40,7 @@ from shared.settings import get_settings
 from shared.widget import queries, visitor_tokens
 from shared.widget.schemas import MAX_CONVERSATION_MESSAGES, MAX_MESSAGE_CHARS
 from shared.widget.service import MODEL_FAILURE_REPLY
+from tests.card_data import every_body, free_text_with_card, pans
 from tests.conftest import (
     Connection,
     TransactionDatabase,
@@ -48,6 +51,7 @@ from tests.conftest import (
     without_generated_ids,
 )
 from tests.factories import add_member, closed_port, create_agent, create_org, user_claims
+from tests.fakes.hung_peer import hung_peer
 from tests.fakes.openai_server import FakeOpenAI, running_fake_openai
 
 ORIGIN = "https://shop.example"
@@ -653,6 +657,65 @@ class TestOrigins:
         assert (await send(client, widget, origin="null")).status_code == 403
 
 
+def _bad_requests(widget: Widget) -> dict[str, tuple[str, str, dict[str, Any]]]:
+    """Requests refused at every stage, before and after the agent is known: name -> (method, path, kwargs)."""
+    json_type = {"content-type": "application/json"}
+    return {
+        "unknown key": ("POST", f"/api/widget/{new_key()}/chat", {"json": {"message": "hi"}}),
+        "unknown key config": ("GET", f"/api/widget/{new_key()}/config", {}),
+        "method not allowed": ("PUT", widget.chat_path, {"json": {"message": "hi"}}),
+        "validation": ("POST", widget.chat_path, {"json": {"message": ""}}),
+        "malformed json": ("POST", widget.chat_path, {"content": b'{"message": ', "headers": json_type}),
+        "invalid utf-8": ("POST", widget.chat_path, {"content": b'{"message": "\xff\xfe"}', "headers": json_type}),
+        "nested too deep": (
+            "POST",
+            widget.chat_path,
+            {"content": b'{"message": ' + b"[" * 5000 + b"]" * 5000 + b"}", "headers": json_type},
+        ),
+        "half a surrogate": ("POST", widget.chat_path, {"content": b'{"message": "\\ud800"}', "headers": json_type}),
+        "card data": ("POST", widget.chat_path, {"json": {"message": "4242 4242 4242 4242"}}),
+        "too large": ("POST", widget.chat_path, {"content": b"x" * 70_000, "headers": json_type}),
+        "bad token": ("POST", widget.chat_path, {"json": {"message": "hi"}, "headers": {"Authorization": "Bearer x"}}),
+    }
+
+
+class TestEveryAnswerKeepsItsHeaders:
+    @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(
+        kind=st.sampled_from(sorted(_bad_requests(Widget({}, {}, new_key())))),
+        origin=st.sampled_from([ORIGIN, OTHER_ORIGIN, None]),
+    )
+    async def test_vary_origin_request_id_and_no_store_on_every_refusal(
+        self, client: httpx.AsyncClient, make_widget: Callable[..., Any], kind: str, origin: str | None
+    ) -> None:
+        widget = await make_widget()
+        method, path, request = _bad_requests(widget)[kind]
+        headers = {**request.pop("headers", {}), **({"Origin": origin} if origin else {})}
+
+        response = await client.request(method, path, headers=headers, **request)
+
+        assert 400 <= response.status_code < 500, f"{kind}: {response.status_code} {response.text[:200]}"
+        assert response.headers["content-type"] == "application/problem+json", kind
+        assert response.headers.get_list("vary") == ["Origin"], kind
+        assert response.headers["cache-control"] == "no-store", kind
+        assert response.headers["x-request-id"] == response.json()["request_id"], kind
+        if origin != ORIGIN:
+            assert "access-control-allow-origin" not in response.headers, kind
+
+    async def test_unreadable_bodies_are_422_problems_that_say_why(
+        self, client: httpx.AsyncClient, make_widget: Callable[..., Any]
+    ) -> None:
+        widget = await make_widget()
+        for kind in ("invalid utf-8", "nested too deep", "half a surrogate"):
+            method, path, request = _bad_requests(widget)[kind]
+            response = await client.request(method, path, **request)
+            assert response.status_code == 422, f"{kind}: {response.text}"
+            body = problem(response)
+            assert body["type"].endswith("/validation-error"), kind
+            assert body["detail"].startswith("body: "), kind
+            assert body["errors"] == [{"loc": ["body"], "msg": body["detail"].removeprefix("body: ")}], kind
+
+
 # -- malformed input --------------------------------------------------------------------------------
 
 
@@ -796,6 +859,54 @@ class TestRateLimits:
         assert len(fallbacks) == 3
         assert fallbacks[0]["org_id"] == str(widget.org["id"])
         assert fallbacks[0]["error_type"]
+
+
+class TestHungRedis:
+    """A Redis that accepts connections and never answers (a real loopback peer, not a closed port)."""
+
+    TIMEOUT_SECONDS = 1.5
+
+    async def test_a_turn_costs_at_most_one_timeout_and_the_next_turn_none(
+        self,
+        db: Connection,
+        online: FakeOpenAI,
+        configure: Configure,
+        client: httpx.AsyncClient,
+        make_widget: Callable[..., Any],
+        log_lines: list[str],
+    ) -> None:
+        widget = await make_widget()
+        await superuser(db)
+        await db.execute(
+            "insert into public.knowledge_chunks (org_id, agent_id, title, content) values (%s, %s, 'Hours', %s)",
+            (widget.org["id"], widget.agent["id"], "We open at 9."),
+        )
+        # A first turn with Redis up, so the timings below hold no first-use costs (SDK imports, clients).
+        assert (await send(client, widget, "Hello", address="192.0.2.9")).status_code == 200
+        online.requests.clear()
+        async with hung_peer() as peer:
+            # Three Redis calls per turn: the visitor's limit, the burst limit before the embedding and
+            # before the reply. Each used to wait for its own timeout.
+            configure(UPSTASH_REDIS_REST_URL=peer.url, UPSTASH_REDIS_TIMEOUT_SECONDS=str(self.TIMEOUT_SECONDS))
+            await close_redis()
+
+            started = time.perf_counter()
+            first = await send(client, widget, "When do you open?", address="192.0.2.1")
+            first_seconds = time.perf_counter() - started
+            after_first = peer.requests
+            started = time.perf_counter()
+            second = await send(client, widget, "And on Sundays?", address="192.0.2.2")
+            second_seconds = time.perf_counter() - started
+
+        assert first.status_code == 200, first.text
+        assert second.status_code == 200, second.text
+        assert after_first == 1, "the first turn waited on Redis once; its other calls took the fallback at once"
+        assert peer.requests == 1, "within the open time, the next turn does not ask Redis at all"
+        assert first_seconds < 2 * self.TIMEOUT_SECONDS, f"one timeout, not three: {first_seconds:.2f} s"
+        assert second_seconds < self.TIMEOUT_SECONDS, f"no timeout at all: {second_seconds:.2f} s"
+        assert len(online.requests_to("/v1/embeddings")) == 2, "both turns were answered in full"
+        reasons = [json.loads(line).get("decision_reason") for line in log_lines]
+        assert reasons.count("ratelimit-fallback") == 2, "each turn counted its visitor limit in Postgres"
 
 
 # -- budgets and degradation ------------------------------------------------------------------------
@@ -1155,6 +1266,50 @@ class TestCardData:
         assert "4242" not in without_generated_ids(response.text)
         assert await rows(db, "select id from public.messages where org_id = %s", widget.org["id"]) == []
         assert len(online.requests_to("/v1/chat/completions")) == before, "the number never reached a model"
+
+    @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(case=free_text_with_card())
+    async def test_a_card_number_in_any_encoding_is_refused_and_never_stored_logged_or_sent(
+        self,
+        db: Connection,
+        online: FakeOpenAI,
+        client: httpx.AsyncClient,
+        make_widget: Callable[..., Any],
+        log_lines: list[str],
+        case: tuple[str, str],
+    ) -> None:
+        text, pan = case
+        widget = await make_widget()
+        before = len(online.requests)
+        for body in every_body({"message": text}):
+            response = await client.post(
+                widget.chat_path, content=body.content, headers={"Origin": ORIGIN, "content-type": body.content_type}
+            )
+            assert response.status_code == 422, f"{body.encoding}: {response.text}"
+            assert problem(response)["type"].endswith("/card-data-refused"), body.encoding
+            assert response.headers["vary"] == "Origin"
+            assert pan not in without_generated_ids(response.text)
+        assert all(pan not in without_generated_ids(line) for line in log_lines)
+        assert await rows(db, "select id from public.messages where org_id = %s", widget.org["id"]) == []
+        assert len(online.requests) == before, "the number never reached a model"
+
+    @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(pan=pans())
+    async def test_a_card_number_as_a_field_name_never_comes_back(
+        self, client: httpx.AsyncClient, make_widget: Callable[..., Any], log_lines: list[str], pan: str
+    ) -> None:
+        widget = await make_widget()
+        escaped_key = "".join(f"\\u{ord(c):04x}" for c in pan)  # the raw body holds no digit run
+        for content in (f'{{"message": "hi", "{escaped_key}": 1}}', f'{{"message": "hi", "x": {{"{pan}": 1}}}}'):
+            response = await client.post(
+                widget.chat_path,
+                content=content.encode(),
+                headers={"Origin": ORIGIN, "content-type": "application/json"},
+            )
+            assert response.status_code == 422, response.text
+            assert problem(response)["type"].endswith("/card-data-refused")
+            assert pan not in response.text
+        assert all(pan not in line for line in log_lines)
 
 
 class TestKnowledge:

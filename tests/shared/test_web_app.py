@@ -7,12 +7,17 @@ import json
 import httpx
 import pytest
 from fastapi import APIRouter
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from pydantic import BaseModel, ConfigDict, Field
 
 from shared.cards import contains_pan
 from shared.egress import check_url
 from shared.errors import Conflict, RateLimited
 from shared.web.app import create_app
+from shared.web.headers import add_answer_headers
+from shared.widget import cors
+from tests.card_data import pans
 from tests.conftest import without_generated_ids
 
 router = APIRouter()
@@ -47,6 +52,13 @@ async def limited() -> None:
 @router.get("/t/boom")
 async def boom() -> None:
     raise RuntimeError("password=hunter2 select * from secrets where key = " + SECRET_IN_ERROR)  # noqa: S608
+
+
+@router.get("/t/boom-after-cors")
+async def boom_after_cors() -> None:
+    # As the widget does: the origin is decided, then something fails that nobody expected.
+    add_answer_headers(cors.decide("https://shop.example", ["https://shop.example"]).headers())
+    raise KeyError("unexpected")
 
 
 @pytest.fixture
@@ -181,3 +193,105 @@ class TestCardData:
         assert response.status_code == 200
         assert not contains_pan("Call me on +4915100000004 please")
         assert contains_pan("Call me on 4915100000004 please"), "without the + it could be a card"
+
+
+class TestEveryAnswerKeepsItsHeaders:
+    """An unexpected exception's 500 is rendered inside the factory's middleware, not by Starlette's
+    last-resort handler outside it, so it keeps the request id, no-store and the CORS headers."""
+
+    async def test_an_unexpected_500_carries_request_id_no_store_and_the_cors_headers_it_earned(
+        self, log_lines: list[str]
+    ) -> None:
+        widget_like = create_app("widget-like", [router], headers={"Vary": "Origin"})
+        transport = httpx.ASGITransport(app=widget_like, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            response = await client.get("/t/boom-after-cors", headers={"Origin": "https://shop.example"})
+        assert response.status_code == 500
+        assert response.headers["content-type"] == "application/problem+json"
+        assert response.headers["x-request-id"] == response.json()["request_id"]
+        assert response.headers["cache-control"] == "no-store"
+        assert response.headers["access-control-allow-origin"] == "https://shop.example"
+        assert "x-request-id" in response.headers["access-control-expose-headers"]
+        assert response.headers["vary"] == "Origin"
+        assert response.json()["type"].endswith("/internal-error")
+        logged = [json.loads(line) for line in log_lines]
+        assert [line["error_type"] for line in logged if line["message"] == "unhandled error"] == ["KeyError"]
+        assert [line["status"] for line in logged if line["message"] == "request"] == [500]
+
+    async def test_a_function_header_is_on_every_answer(self) -> None:
+        widget_like = create_app("widget-like", [router], headers={"Vary": "Origin"})
+        transport = httpx.ASGITransport(app=widget_like, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            answers = [
+                await client.get("/t/conflict"),
+                await client.get("/t/limited"),
+                await client.get("/t/boom"),
+                await client.get("/nowhere"),
+                await client.put("/t/conflict"),
+                await client.post("/t/k/echo", json={"name": "x" * 11}),
+                await client.post("/t/k/echo", content=b"x" * 70_000),
+                await client.post("/t/free", json={"note": "4242 4242 4242 4242"}),
+            ]
+        assert [a.status_code for a in answers] == [409, 429, 500, 404, 405, 422, 413, 422]
+        for answer in answers:
+            assert answer.headers["vary"] == "Origin", answer.status_code
+            assert answer.headers["cache-control"] == "no-store", answer.status_code
+            assert answer.headers["x-request-id"].startswith("req_"), answer.status_code
+
+
+class TestUnreadableBodies:
+    """A body the JSON parser cannot read is a 422 that says why, never a bare 400 or a 500."""
+
+    @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(st.binary(min_size=1, max_size=40).filter(lambda b: not _is_utf8(b)))
+    async def test_invalid_utf8_in_a_json_body(self, client: httpx.AsyncClient, junk: bytes) -> None:
+        response = await client.post(
+            "/t/k/echo", content=b'{"name": "' + junk + b'"}', headers={"content-type": "application/json"}
+        )
+        assert response.status_code == 422, response.text
+        problem = response.json()
+        assert problem["type"].endswith("/validation-error")
+        assert problem["errors"][0]["loc"][0] == "body"
+        assert problem["detail"]
+
+    @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(st.integers(2_000, 9_000), st.sampled_from([("[", "]"), ('{"a":', "}")]))
+    async def test_json_nested_past_the_parser(
+        self, client: httpx.AsyncClient, depth: int, brackets: tuple[str, str]
+    ) -> None:
+        opening, closing = brackets
+        content = ('{"name": ' + opening * depth + "1" + closing * depth + "}").encode()
+        response = await client.post("/t/k/echo", content=content, headers={"content-type": "application/json"})
+        assert response.status_code == 422, response.text
+        assert "nested too deeply" in response.json()["detail"]
+
+    @pytest.mark.parametrize("escape", ["\\ud800", "\\udfff", "a\\udc00b", "\\ud83d"])
+    async def test_half_a_surrogate_pair_is_refused_before_anything_stores_it(
+        self, client: httpx.AsyncClient, escape: str
+    ) -> None:
+        content = f'{{"name": "{escape}"}}'.encode()
+        response = await client.post("/t/k/echo", content=content, headers={"content-type": "application/json"})
+        assert response.status_code == 422, response.text
+        assert "Unicode" in response.json()["detail"]
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return b'"' not in data and b"\\" not in data
+
+
+class TestValidationNeverEchoesACardNumber:
+    @settings(max_examples=50, deadline=None)
+    @given(pans())
+    async def test_a_card_number_as_an_unknown_field_is_not_in_loc_or_detail(self, pan: str) -> None:
+        # With the guard off (as for a signed sender), the renderer alone still keeps the number out.
+        unguarded = create_app("unguarded", [router], scan_for_card_data=False)
+        transport = httpx.ASGITransport(app=unguarded, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            response = await client.post("/t/k/echo", json={"name": "a", pan: 1})
+        assert response.status_code == 422
+        assert pan not in response.text
+        assert response.json()["errors"][0]["loc"] == ["body", "[card number removed]"]

@@ -47,7 +47,7 @@ FIRST_REQUEST: dict[str, tuple[str, str, object]] = {
 }
 ENV = {"ENVIRONMENT": "local"}
 
-BARE_APP = '''from fastapi import FastAPI, Request
+BARE_APP = """from fastapi import FastAPI, Request
 
 app = FastAPI()
 
@@ -56,7 +56,7 @@ app = FastAPI()
 async def route(path: str, request: Request) -> dict[str, str]:
     await request.body()
     return {"status": "ok"}
-'''
+"""
 
 
 def build_bare(workdir: Path) -> BuiltFunction:

@@ -25,6 +25,7 @@ import asyncio
 import logging
 import time
 import uuid
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -390,9 +391,30 @@ async def deliver_one(
     )
     if not jobs:
         return await _come_back_in(db, delivery_id)
-    worker = Worker(db, env=env, settings=settings)
-    async with env.client() as client:
-        return await worker.process(jobs[0], client)
+    return await Worker(db, env=env, settings=settings).process(jobs[0], _loop_client(env))
+
+
+# One guarded client per event loop and environment for the queue's sends: building one costs more
+# than a send (its TLS context), and messages arrive one at a time. Every connection it opens is
+# still vetted by the egress guard at connect time.
+# Keyed by the environment's identity (it may hold an unhashable resolver), kept with it alive.
+_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[int, tuple[ProviderEnvironment, HttpClient]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _loop_client(env: ProviderEnvironment) -> HttpClient:
+    clients = _clients.setdefault(asyncio.get_running_loop(), {})
+    held = clients.get(id(env))
+    if held is None or held[1].is_closed:
+        held = clients[id(env)] = (env, env.client())
+    return held[1]
+
+
+async def close_clients() -> None:
+    """Close the running loop's clients (end of a process, a benchmark, a test)."""
+    for _, client in _clients.pop(asyncio.get_running_loop(), {}).values():
+        await client.aclose()
 
 
 async def _come_back_in(db: Database, delivery_id: uuid.UUID) -> float | None:

@@ -25,7 +25,7 @@ FUNCTIONS_DIR = ROOT / "functions"
 @dataclass(frozen=True)
 class Rewrite:
     source: str
-    function: str  # module name under functions/, dotted for a function in a subfolder ("scanner.cron_scans")
+    function: str  # module name under functions/, dotted for a function in a subfolder ("external.widget_chat")
 
     @property
     def pattern(self) -> re.Pattern[str]:

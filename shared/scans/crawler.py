@@ -132,6 +132,7 @@ class Crawler:
         agent_token: str,
         redis: Redis | None = None,
         cache_scope: str | None = None,
+        client: httpx.AsyncClient | None = None,  # noqa: TID251 - a client from new_client(), kept open
     ) -> None:
         self.env = env
         self.site = site_of(start_url)
@@ -143,22 +144,18 @@ class Crawler:
         self._redis = redis
         self._cache_scope = cache_scope  # the scan's id: robots.txt rules kept for the scan's next steps
         self._client: httpx.AsyncClient | None = None  # noqa: TID251 - built by guarded_client
+        self._lent_client = client
         self.requests = 0  # every request sent, robots.txt and redirect hops included
         self.page_requests = 0  # requests for pages (redirect hops included), robots.txt not
 
     async def __aenter__(self) -> Crawler:
-        self._client = guarded_client(
-            policy=self.env.policy,
-            resolver=self.env.resolver,
-            headers={"User-Agent": self.env.user_agent, "Accept": _ACCEPT},
-            limits=httpx.Limits(max_connections=2, max_keepalive_connections=2),
-        )
+        self._client = self._lent_client or new_client(self.env)
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        if self._client is not None:
+        if self._client is not None and self._client is not self._lent_client:
             await self._client.aclose()
-            self._client = None
+        self._client = None
 
     @property
     def client(self) -> httpx.AsyncClient:  # noqa: TID251 - built by guarded_client
@@ -331,6 +328,16 @@ class Crawler:
         if not media and not html:
             return Skipped(Skip.NOT_HTML)
         return Page(url, body, content_type, html)
+
+
+def new_client(env: ScanEnvironment) -> httpx.AsyncClient:  # noqa: TID251 - built by guarded_client
+    """The guarded client a crawler sends through (one request in flight at a time per crawler)."""
+    return guarded_client(
+        policy=env.policy,
+        resolver=env.resolver,
+        headers={"User-Agent": env.user_agent, "Accept": _ACCEPT},
+        limits=httpx.Limits(max_connections=2, max_keepalive_connections=2),
+    )
 
 
 def _parse_robots(text: str) -> urllib.robotparser.RobotFileParser:

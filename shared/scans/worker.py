@@ -27,10 +27,12 @@ import logging
 import secrets
 import time
 import uuid
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+import httpx
 from upstash_redis.asyncio import Redis
 
 from shared.db.session import Database
@@ -42,7 +44,16 @@ from shared.queues import SCAN_STEPS_TOPIC, QueueEnvironment, message_id_field
 from shared.redis import get_redis
 from shared.scans import store
 from shared.scans.chunking import chunk_text
-from shared.scans.crawler import Crawler, Failed, Outcome, Page, Skipped, has_binary_extension, normalise
+from shared.scans.crawler import (
+    Crawler,
+    Failed,
+    Outcome,
+    Page,
+    Skipped,
+    has_binary_extension,
+    new_client,
+    normalise,
+)
 from shared.scans.extract import Extracted, extract_html, extract_plain
 from shared.scans.schemas import PRODUCTION, USER_AGENT_TOKEN, ScanEnvironment, Skip, StatusReason
 from shared.scans.service import announce_step, claim_scan, step_come_back_in, worker_identity
@@ -186,6 +197,26 @@ async def _guarded(run: _ScanRun, queue: QueueEnvironment) -> None:
             await announce_step(queue, state.id, next_step)
 
 
+# Keyed by the environment's identity (it may hold an unhashable resolver), kept with it alive.
+_step_clients: weakref.WeakKeyDictionary[
+    asyncio.AbstractEventLoop, dict[int, tuple[ScanEnvironment, httpx.AsyncClient]]  # noqa: TID251
+] = weakref.WeakKeyDictionary()
+
+
+def _step_client(env: ScanEnvironment) -> httpx.AsyncClient:  # noqa: TID251 - built by new_client
+    clients = _step_clients.setdefault(asyncio.get_running_loop(), {})
+    held = clients.get(id(env))
+    if held is None or held[1].is_closed:
+        held = clients[id(env)] = (env, new_client(env))
+    return held[1]
+
+
+async def close_clients() -> None:
+    """Close the running loop's step clients (end of a process, a benchmark, a test)."""
+    for _, client in _step_clients.pop(asyncio.get_running_loop(), {}).values():
+        await client.aclose()
+
+
 def _shared_redis() -> Redis | None:
     """Redis for host turns and robots.txt rules across invocations; ``None`` when not configured."""
     try:
@@ -248,6 +279,9 @@ class _ScanRun:
             agent_token=USER_AGENT_TOKEN,
             redis=_shared_redis(),
             cache_scope=str(state.id),
+            # A step is one scan per invocation: its client outlives the step (building one costs more
+            # than a few pages), while the cron's lanes each keep their own.
+            client=_step_client(self.env) if self.one_batch else None,
         )
         async with crawler:
             try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import tomllib
 import uuid
 from collections.abc import Callable
 
@@ -24,10 +25,13 @@ from tests.factories import access_token
 from tests.fakes.stripe_api import event, sign, stripe_id
 
 BUILT = [function.name for function in built_functions()]
+# Functions that answer HTTP at the paths config.json routes to them, and queue subscribers.
+SUBSCRIBERS = [function.name for function in built_functions() if function.config.get("experimentalTriggers")]
+HTTP_FUNCTIONS = [name for name in BUILT if name not in SUBSCRIBERS]
+SCANNING_FUNCTIONS = {"functions/cron_scans.py", "_py_subscribers/functions-queues-scan__steps"}
 # Repository files that must never be deployed, and the dependencies only the scan worker may ship.
 NOT_DEPLOYED = ("tests/", "bench/", "docs/", "scripts/", "supabase/", "shared/local/", "node_modules/", ".vercel/")
 EXTRACTION_STACK = ("_vendor/trafilatura/", "_vendor/lxml/", "_vendor/babel/", "_vendor/courlan/")
-EXTRACTING_FUNCTIONS = {"functions/scanner/cron_scans.py"}
 ORIGIN = "http://localhost:3000"
 # The widget and the webhook start most often; they ship no user auth and no extraction stack.
 EXTERNAL_BUDGET_MB = 60
@@ -49,11 +53,11 @@ def test_ships_only_what_it_runs(built: dict[str, BuiltFunction], name: str) -> 
     shipped = built[name].shipped_files()
     stray = sorted(path for path in shipped if path.startswith(NOT_DEPLOYED))
     assert not stray, f"{name} deploys repository tooling: {stray[:10]}"
-    extraction = sorted({path.split("/")[1] for path in shipped if path.startswith(EXTRACTION_STACK)})
-    if name in EXTRACTING_FUNCTIONS:
-        assert extraction, f"{name} extracts pages but ships no extraction stack"
-    else:
-        assert not extraction, f"{name} ships the page-extraction stack it never uses: {extraction}"
+    extraction = {path.split("/")[1] for path in shipped if path.startswith(EXTRACTION_STACK)}
+    if name in SCANNING_FUNCTIONS:
+        assert extraction, f"{name} scans pages but ships no extraction stack"
+    if name.startswith("functions/external/"):
+        assert not extraction, f"{name} ships the page-extraction stack it never uses: {sorted(extraction)}"
 
 
 @pytest.mark.parametrize("name", [name for name in BUILT if name.startswith("functions/external/")])
@@ -65,7 +69,7 @@ def test_external_functions_stay_under_60_mb_unzipped(built: dict[str, BuiltFunc
     assert not any(path.startswith("_vendor/cryptography/") for path in built[name].shipped_files())
 
 
-@pytest.mark.parametrize("name", BUILT)
+@pytest.mark.parametrize("name", HTTP_FUNCTIONS)
 def test_starts_through_vercels_entry_and_every_rewrite_reaches_its_routes(
     built: dict[str, BuiltFunction], serve_built: ServeBuilt, deployment: Deployment, name: str
 ) -> None:
@@ -87,6 +91,20 @@ def test_starts_through_vercels_entry_and_every_rewrite_reaches_its_routes(
 
 def deployment_request_direct(base_url: str, path: str) -> str:
     return httpx.get(base_url + path, timeout=30).text
+
+
+@pytest.mark.parametrize("name", SUBSCRIBERS)
+def test_each_queue_subscriber_starts_through_vercels_entry(
+    built: dict[str, BuiltFunction], serve_built: ServeBuilt, name: str
+) -> None:
+    served = serve_built(name)  # imports with only its bundle; raises with its output if it cannot
+    assert any(m["type"] == "server-started" for m in served.messages)
+    declared = {
+        f"functions-{s['entrypoint'].split('.', 1)[1].replace('.', '-')}": set(s["topics"])
+        for s in tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["vercel"]["subscribers"]
+    }
+    topics = {trigger["topic"] for trigger in built[name].config["experimentalTriggers"]}
+    assert topics == declared[name.split("/")[1].replace("__", "_")]
 
 
 # -- each function's own behaviour ----------------------------------------------------------------
@@ -204,4 +222,4 @@ def test_function_settings_are_in_the_build_output(built: dict[str, BuiltFunctio
             for key, value in settings.items():
                 if key != "excludeFiles":
                     assert config.get(key) == value, f"{source}: {key} is {config.get(key)} in the build output"
-    assert built["functions/scanner/cron_scans.py"].config["maxDuration"] >= 60  # docs/scans.md
+    assert built["functions/cron_scans.py"].config["maxDuration"] >= 60  # docs/scans.md

@@ -22,15 +22,16 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-from vercel.queue import QueueClient, RetryAfter
+from vercel.queue import QueueClient, RetryAfter, sanitize_name
 
 from shared.logs import DECISION_REASON, log_event
 
-# Topics and the consumer group that subscribes to each (one subscriber function per topic).
+# Topics, and the consumer group of the one subscriber function of each: Vercel names a trigger's
+# consumer group after the function's path (vercel.json), with the SDK's own ``sanitize_name``.
 DELIVERIES_TOPIC: Final = "deliveries"
-DELIVERIES_CONSUMER: Final = "delivery-sender"
+DELIVERIES_CONSUMER: Final = sanitize_name("functions/queue_deliveries.py")
 SCAN_STEPS_TOPIC: Final = "scan-steps"
-SCAN_STEPS_CONSUMER: Final = "scan-stepper"
+SCAN_STEPS_CONSUMER: Final = sanitize_name("functions/scanner/scan_steps.py")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -2,8 +2,8 @@
 
 ``hiredhands dev`` starts ``python -m vercel.queue.devserver`` (the SDK's HTTP emulation of the
 queue service), points the SDK at it through its own environment variables, and runs every
-subscriber of ``functions/queues`` with the SDK's polling consumer (``poll_and_handle``): the same
-send, lease, acknowledge and retry calls as on Vercel, where the platform pushes instead of polling.
+queue-triggered function (vercel.json) with the SDK's polling consumer (``poll_and_handle``): the
+same send, lease, acknowledge and retry calls as on Vercel, where the platform pushes instead.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import sys
 import threading
 from typing import Any
 
-SUBSCRIBER_MODULES = ("functions.queues.deliveries", "functions.queues.scan_steps")
 # The SDK's marker for a local broker: no deployment to pin messages to (vercel.queue config).
 DEV_TOKEN = "vc-dev-token"  # noqa: S105 - a fixed public marker, not a secret
 
@@ -41,8 +40,10 @@ def run_subscribers_in_thread(interval_seconds: float = 0.2) -> None:
     """Every subscriber polling the dev server, on an event loop of its own."""
     from vercel.queue import get_subscriptions, poll_and_handle
 
-    for module in SUBSCRIBER_MODULES:
-        importlib.import_module(module)
+    from shared.local.routes import queue_triggers
+
+    for module in queue_triggers():
+        importlib.import_module(f"functions.{module}")
     subscribers: list[Any] = [subscription.func for subscription in get_subscriptions()]
 
     async def consume() -> None:

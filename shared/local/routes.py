@@ -83,6 +83,19 @@ def function_modules() -> list[str]:
     return sorted(".".join(p.relative_to(FUNCTIONS_DIR).with_suffix("").parts) for p in files)
 
 
+def queue_triggers() -> dict[str, str]:
+    """Functions that Vercel invokes with queue messages instead of requests: module -> topic (the
+    ``queue/v2beta`` trigger a builds entry gives the function in ``config.functions``)."""
+    triggered = {}
+    for build in load_config().get("builds", []):
+        for source, options in build.get("config", {}).get("functions", {}).items():
+            for trigger in options.get("experimentalTriggers", []):
+                if trigger.get("type") == "queue/v2beta":
+                    module = ".".join(Path(source).relative_to("functions").with_suffix("").parts)
+                    triggered[module] = trigger["topic"]
+    return triggered
+
+
 def function_file(module: str) -> Path:
     return FUNCTIONS_DIR.joinpath(*module.split(".")).with_suffix(".py")
 

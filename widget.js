@@ -487,6 +487,11 @@ form button[aria-disabled=true]{opacity:.6;cursor:default}
   // Server-sent events over fetch (EventSource cannot POST or send headers). docs/widget.md: the contract.
   async function readStream(response, body, question, turn) {
     let text = '';
+    // Leaving the page mid-reply keeps what arrived, as the server keeps it (marked partial).
+    const keepPartial = () => {
+      if (text) state.log.push({ r: 'a', t: text }), save();
+    };
+    addEventListener('pagehide', keepPartial);
     let outcome = null;
     let done = false;
     let failed = null;
@@ -528,7 +533,7 @@ form button[aria-disabled=true]{opacity:.6;cursor:default}
       let buffer = '';
       for (;;) {
         const { value, done: ended } = await reader.read();
-        if (turn !== generation) return void reader.cancel();
+        if (turn !== generation) return void (removeEventListener('pagehide', keepPartial), reader.cancel());
         buffer += decoder.decode(value || new Uint8Array(), { stream: !ended });
         let match;
         while ((match = /\r\n|\r|\n/.exec(buffer)) && !(match[0] === '\r' && match.index === buffer.length - 1 && !ended)) {
@@ -540,6 +545,7 @@ form button[aria-disabled=true]{opacity:.6;cursor:default}
     } catch (_) {
       // The connection dropped mid-stream: handled below as a stream without "done".
     }
+    removeEventListener('pagehide', keepPartial);
     if (!text) renderText(body, '');
     finishReply(body, text, outcome);
     if (failed) {

@@ -29,7 +29,7 @@ FIRST_REQUEST: dict[str, tuple[str, str, object]] = {
     "connection_verify": ("POST", "/api/connections", {}),
     "cron_deliveries": ("GET", "/api/cron/deliveries", None),
     "scan": ("POST", "/api/scans", {}),
-    "scanner.cron_scans": ("GET", "/api/cron/scans", None),
+    "cron_scans": ("GET", "/api/cron/scans", None),
 }
 
 PROGRAM = """

@@ -373,6 +373,7 @@ async def drive(
     postgres: Postgres,
     redis_server: RedisServer,
     model: Connection,
+    tail_seconds: float,
 ) -> Run:
     run = Run()
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
@@ -395,7 +396,7 @@ async def drive(
             restored = time.monotonic() - t0
             print(f"  {restored:6.1f} s  {name.split()[0]} back", flush=True)
             run.phases.append((name, began, restored))
-            await asyncio.sleep(gap_seconds)
+            await asyncio.sleep(gap_seconds if name != faults[-1][0] else max(gap_seconds, tail_seconds))
         run.stop = True
         # Requests still in flight finish (a hung model's calls end at the gateway's timeout).
         await asyncio.wait(tasks, timeout=CLIENT_TIMEOUT_SECONDS + 5)
@@ -406,10 +407,13 @@ async def drive(
 
 
 def _phase_of(run: Run, started: float) -> str:
+    label = "normal service"
     for name, began, restored in run.phases:
         if began <= started < restored:
             return name
-    return "normal service"
+        if started >= restored:
+            label = f"after {name}"
+    return label
 
 
 def _bad(answer: Answer) -> bool:
@@ -432,10 +436,20 @@ def report(run: Run, log: Path) -> int:
     phases: dict[str, collections.Counter[tuple[str, int, str | None]]] = collections.defaultdict(collections.Counter)
     for a in run.answers:
         phases[_phase_of(run, a.started)][(a.kind, a.status, a.problem if a.status >= 400 else None)] += 1
-    for phase in ["normal service", *(p[0] for p in run.phases)]:
+    order = ["normal service"]
+    for name, _, _ in run.phases:
+        order += [name, f"after {name}"]
+    for phase in order:
         counted = sorted(phases[phase].items(), key=str)
         items = ", ".join(f"{k} {s}{'/' + p if p else ''}: {n}" for (k, s, p), n in counted)
         print(f"  {phase}: {items}")
+        for kind in ("widget", "webhook", "dashboard"):
+            seconds = sorted(a.seconds for a in run.answers if a.kind == kind and _phase_of(run, a.started) == phase)
+            if seconds:
+                print(
+                    f"      {kind:9s} latency median {seconds[len(seconds) // 2] * 1000:7.0f} ms,"
+                    f" max {seconds[-1] * 1000:7.0f} ms"
+                )
 
     bad = [a for a in run.answers if _bad(a)]
     print(f"\n5xx other than 503 with Retry-After, and requests with no answer: {len(bad)}")
@@ -484,9 +498,12 @@ CONSISTENCY = {
     "reservations held for over 10 minutes (the sweep's limit)": """
         select count(*) from public.budget_reservations
          where status = 'held' and created_at < now() - interval '10 minutes'""",
-    "settled reservations minus usage rows with outcome ok": """
+    "settled reservations minus charged usage rows (ok, or an estimate of what the provider may bill)": """
         select (select count(*) from public.budget_reservations where status = 'settled')
-             - (select count(*) from public.usage_events where outcome = 'ok')""",
+             - (select count(*) from public.usage_events where outcome = 'ok' or estimated)""",
+    "micro-dollars settled minus micro-dollars metered": """
+        select (select coalesce(sum(actual_microusd), 0) from public.budget_reservations where status = 'settled')
+             - (select coalesce(sum(cost_microusd), 0) from public.usage_events)""",
     "stored replies without their usage row": """
         select count(*) from public.messages as m
          where m.role = 'agent'
@@ -532,6 +549,9 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--fault-seconds", type=float, default=6.0)
     parser.add_argument("--gap-seconds", type=float, default=8.0)
+    # After the last fault (the model's): longer than MODEL_TIMEOUT_SECONDS (20 s), so the widget's
+    # clients, held by calls that started while the model hung, get to send new ones.
+    parser.add_argument("--tail-seconds", type=float, default=28.0)
     args = parser.parse_args()
 
     redis_server = RedisServer()
@@ -576,6 +596,7 @@ def main() -> None:
                 postgres=postgres,
                 redis_server=redis_server,
                 model=model,
+                tail_seconds=args.tail_seconds,
             )
         )
         print(f"  load ran {time.monotonic() - started:.1f} s, {len(run.answers)} answers")

@@ -1,6 +1,6 @@
 """GET /api/cron/deliveries: the delivery outbox sweeper, run by Vercel Cron every minute.
 
-Deliveries go out through their queue messages (functions/queue_deliveries.py). Only the scheduler
+Deliveries go out through their queue messages (functions/queues/deliveries.py). Only the scheduler
 may call this (CRON_SECRET bearer). Each run claims deliveries due for a while whose message was
 lost or never sent, and expired leases, with FOR UPDATE SKIP LOCKED, so overlapping runs and the
 queue's subscribers cooperate; see shared/connections/delivery.py.

@@ -17,13 +17,14 @@ from __future__ import annotations
 import logging
 import uuid
 from datetime import datetime
-from typing import Any, Final, Literal
+from typing import Annotated, Any, Final, Literal
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from shared.audit import record
 from shared.auth import Claims
+from shared.cards import Identifier
 from shared.crypto import get_keyring
 from shared.db.session import Connection, Database, as_service, as_user
 from shared.egress import check_url, guarded_client
@@ -49,8 +50,9 @@ class ModelKeySave(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     org_id: uuid.UUID
-    api_key: SecretStr = Field(min_length=8, max_length=512)
-    base_url: str | None = Field(default=None, min_length=8, max_length=2000)
+    # Machine values, not text a person typed: the card scan skips them (shared/cards.py).
+    api_key: Annotated[SecretStr, Field(min_length=8, max_length=512), Identifier("an API key")]
+    base_url: Annotated[str | None, Field(min_length=8, max_length=2000), Identifier("a URL")] = None
     on_key_failure: OnKeyFailure | None = None
 
     @field_validator("base_url")

@@ -22,16 +22,16 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-from vercel.queue import QueueClient, RetryAfter, sanitize_name
+from vercel.queue import QueueClient, RetryAfter
 
 from shared.logs import DECISION_REASON, log_event
 
-# Topics, and the consumer group of the one subscriber function of each: Vercel names a trigger's
-# consumer group after the function's path (vercel.json), with the SDK's own ``sanitize_name``.
+# Topics and the consumer group of the one subscriber function of each (functions/queues/; the build
+# gives each function a queue trigger for the consumer group its @subscribe names).
 DELIVERIES_TOPIC: Final = "deliveries"
-DELIVERIES_CONSUMER: Final = sanitize_name("functions/queue_deliveries.py")
+DELIVERIES_CONSUMER: Final = "delivery-sender"
 SCAN_STEPS_TOPIC: Final = "scan-steps"
-SCAN_STEPS_CONSUMER: Final = sanitize_name("functions/scanner/scan_steps.py")
+SCAN_STEPS_CONSUMER: Final = "scan-stepper"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -1,7 +1,7 @@
 """The deployment's dependency manifests agree with the project's own.
 
 Vercel's Python builder installs the pyproject.toml nearest to each function, so the folders under
-functions/ with their own manifest (external/: the widget and the webhook; scanner/: the scan worker)
+functions/ with their own manifest (external/: the widget and the webhook)
 ship different dependency sets. These checks keep them the project's, at the same versions: the
 builder installs every folder into one virtualenv in turn, so a package locked at two versions would
 leave an earlier function's bundle pointing at the other version's files.
@@ -30,22 +30,16 @@ ROOT_DEPENDENCIES = set(ROOT_PROJECT["dependencies"])
 
 
 def test_the_folders_are_there() -> None:
-    assert [p.name for p in FOLDERS] == ["external", "scanner"]
+    assert [p.name for p in FOLDERS] == ["external"]
 
 
-def test_the_scanner_ships_the_project_plus_page_extraction() -> None:
-    scanner = set(manifest(ROOT / "functions" / "scanner")["project"]["dependencies"])
-    assert scanner == ROOT_DEPENDENCIES | set(ROOT_PROJECT["optional-dependencies"]["scanner"])
-
-
-def test_the_external_functions_ship_a_subset_of_the_project_without_cryptography() -> None:
+def test_the_external_functions_ship_a_subset_of_the_project_without_jwt_crypto() -> None:
     project = {r.name.lower(): r for r in map(Requirement, ROOT_DEPENDENCIES)}
     for requirement in map(Requirement, manifest(ROOT / "functions" / "external")["project"]["dependencies"]):
         ours = project.get(requirement.name.lower())
         assert ours is not None, f"{requirement} is not one of the project's dependencies"
         assert requirement.specifier == ours.specifier, f"{requirement}: the project says {ours}"
         assert requirement.extras <= ours.extras, f"{requirement}: the project says {ours}"
-        assert requirement.name.lower() != "cryptography"
         assert not requirement.extras & {"crypto"}
 
 

@@ -14,7 +14,7 @@ from fastapi import FastAPI
 from fastapi.routing import APIRoute
 from starlette.routing import BaseRoute
 
-from shared.local.routes import cron_paths, function_file, function_modules, queue_triggers, rewrites, static_files
+from shared.local.routes import cron_paths, function_file, function_modules, rewrites, static_files
 
 
 def _api_routes(routes: Iterable[BaseRoute]) -> Iterator[APIRoute]:
@@ -40,13 +40,9 @@ class TestRoutingAgreement:
         assert not missing, f"vercel.json routes to missing functions: {missing}"
 
     def test_every_function_has_a_route(self) -> None:
-        routed = {r.function for r in rewrites()} | set(queue_triggers())  # a queue trigger routes messages
+        routed = {r.function for r in rewrites()}
         unrouted = sorted(set(function_modules()) - routed)
         assert not unrouted, f"functions with no route in vercel.json: {unrouted}"
-
-    def test_queue_triggered_functions_have_no_public_route(self) -> None:
-        assert set(queue_triggers()) == {"queue_deliveries", "scanner.scan_steps"}
-        assert not [r.source for r in rewrites() if r.function in queue_triggers()]
 
     @pytest.mark.parametrize("rewrite", rewrites(), ids=lambda r: r.source)
     def test_each_rewrite_source_is_served_by_its_function(self, rewrite) -> None:  # type: ignore[no-untyped-def]
@@ -57,7 +53,7 @@ class TestRoutingAgreement:
         )
 
     def test_every_declared_route_is_reachable_through_vercel_json(self) -> None:
-        for name in sorted(set(function_modules()) - set(queue_triggers())):
+        for name in function_modules():
             assert list(_api_routes(importlib.import_module(f"functions.{name}").app.routes)), f"{name} has no routes"
             app = importlib.import_module(f"functions.{name}").app
             sources = [r for r in rewrites() if r.function == name]

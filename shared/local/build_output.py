@@ -267,14 +267,21 @@ def main() -> None:
     functions = built_functions()
     if not functions:
         sys.exit(f"No build output in {OUTPUT}: run scripts/build.")
-    print(f"{'function':<38} {'files':>6} {'unzipped MB':>12}  settings; largest parts (MB)")
+    print(f"{'function':<46} {'files':>6} {'unzipped MB':>12}  settings; largest parts (MB)")
     for function in functions:
+        missing = [inside for inside, source in function.shipped_files().items() if not source.exists()]
+        if missing:
+            sys.exit(
+                f"{function.name} ships {len(missing)} files the build no longer has (e.g. {missing[0]}): the builder"
+                " installs every manifest into one virtualenv in turn, so keep each package at one version in"
+                " every uv.lock and the folders with the fewest dependencies first in vercel.json's builds."
+            )
         sizes = function.size_by_top_level()
         config = function.config
         settings = ", ".join(f"{k}={config[k]}" for k in ("maxDuration", "memory") if k in config) or "defaults"
         largest = ", ".join(f"{name} {size / 1e6:.1f}" for name, size in sizes.most_common(6))
         total = sum(sizes.values()) / 1e6
-        print(f"{function.name:<38} {len(function.shipped_files()):>6} {total:>12.1f}  {settings}; {largest}")
+        print(f"{function.name:<46} {len(function.shipped_files()):>6} {total:>12.1f}  {settings}; {largest}")
 
 
 if __name__ == "__main__":

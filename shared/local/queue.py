@@ -2,8 +2,8 @@
 
 ``hiredhands dev`` starts ``python -m vercel.queue.devserver`` (the SDK's HTTP emulation of the
 queue service), points the SDK at it through its own environment variables, and runs every
-queue-triggered function (vercel.json) with the SDK's polling consumer (``poll_and_handle``): the
-same send, lease, acknowledge and retry calls as on Vercel, where the platform pushes instead.
+subscriber function declared in pyproject.toml with the SDK's polling consumer (``poll_and_handle``):
+the same send, lease, acknowledge and retry calls as on Vercel, where the platform pushes instead.
 """
 
 from __future__ import annotations
@@ -14,10 +14,18 @@ import json
 import subprocess
 import sys
 import threading
+import tomllib
+from pathlib import Path
 from typing import Any
 
 # The SDK's marker for a local broker: no deployment to pin messages to (vercel.queue config).
 DEV_TOKEN = "vc-dev-token"  # noqa: S105 - a fixed public marker, not a secret
+
+
+def subscriber_modules() -> list[str]:
+    """The modules pyproject.toml declares as subscribers (``[[tool.vercel.subscribers]]``)."""
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
+    return [str(entry["entrypoint"]) for entry in pyproject["tool"]["vercel"]["subscribers"]]
 
 
 def start_queue_server() -> tuple[subprocess.Popen[str], dict[str, str]]:
@@ -40,10 +48,8 @@ def run_subscribers_in_thread(interval_seconds: float = 0.2) -> None:
     """Every subscriber polling the dev server, on an event loop of its own."""
     from vercel.queue import get_subscriptions, poll_and_handle
 
-    from shared.local.routes import queue_triggers
-
-    for module in queue_triggers():
-        importlib.import_module(f"functions.{module}")
+    for module in subscriber_modules():
+        importlib.import_module(module)
     subscribers: list[Any] = [subscription.func for subscription in get_subscriptions()]
 
     async def consume() -> None:

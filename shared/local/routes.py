@@ -25,7 +25,7 @@ FUNCTIONS_DIR = ROOT / "functions"
 @dataclass(frozen=True)
 class Rewrite:
     source: str
-    function: str  # module name under functions/, dotted for a function in a subfolder ("scanner.cron_scans")
+    function: str  # module name under functions/, dotted for a function in a subfolder ("external.widget_chat")
 
     @property
     def pattern(self) -> re.Pattern[str]:
@@ -81,19 +81,6 @@ def function_modules() -> list[str]:
     """Every function, as its module name under functions/ (a subfolder has its own dependencies)."""
     files = FUNCTIONS_DIR.rglob("[!_]*.py")
     return sorted(".".join(p.relative_to(FUNCTIONS_DIR).with_suffix("").parts) for p in files)
-
-
-def queue_triggers() -> dict[str, str]:
-    """Functions that Vercel invokes with queue messages instead of requests: module -> topic (the
-    ``queue/v2beta`` trigger a builds entry gives the function in ``config.functions``)."""
-    triggered = {}
-    for build in load_config().get("builds", []):
-        for source, options in build.get("config", {}).get("functions", {}).items():
-            for trigger in options.get("experimentalTriggers", []):
-                if trigger.get("type") == "queue/v2beta":
-                    module = ".".join(Path(source).relative_to("functions").with_suffix("").parts)
-                    triggered[module] = trigger["topic"]
-    return triggered
 
 
 def function_file(module: str) -> Path:

@@ -46,6 +46,11 @@ async def ask(page: Page, text: str) -> None:
     await message_box(page).press("Enter")
 
 
+async def turn_over(page: Page) -> None:
+    """Wait for the reply's end (the stream's ``done``, or the JSON answer): the send button is enabled."""
+    await expect(page.locator(f"{TAG} form button")).to_have_attribute("aria-disabled", "false")
+
+
 async def open_widget(page: Page, url: str) -> None:
     await page.goto(url)
     await launcher(page).click()
@@ -82,6 +87,7 @@ class TestConversation:
         await expect(link).to_have_attribute("href", "https://harbour.example/hours")
         await expect(link).to_have_attribute("rel", "noopener noreferrer")
         await expect(link).to_have_attribute("target", "_blank")
+        await turn_over(page)
         await page.snap("answered")
 
         await page.reload()
@@ -92,6 +98,7 @@ class TestConversation:
         stack.fake.reply = ScriptedReply(content="Saturdays too, from ten.")
         await ask(page, "And on Saturdays?")
         await expect(replies(page).nth(2)).to_contain_text("Saturdays too")
+        await turn_over(page)
 
         stored = stack.sql(
             "select count(*), count(distinct m.conversation_id) from public.messages m"
@@ -110,6 +117,7 @@ class TestConversation:
         assert await page.evaluate("localStorage.length") == 0, "something was stored before the first message"
         await ask(page, "My order is late")
         await expect(replies(page).nth(1)).to_contain_text("Noted.")
+        await turn_over(page)
         assert await page.evaluate("localStorage.length") == 1
 
         await page.get_by_role("button", name="Start a new conversation").click()
@@ -118,6 +126,7 @@ class TestConversation:
         await expect(page.locator(f"{TAG} .msg.v")).to_have_count(0)
         await ask(page, "A new question")
         await expect(replies(page).nth(1)).to_contain_text("Noted.")
+        await turn_over(page)
         conversations = stack.sql(
             "select count(*) from public.conversations where agent_id = %(agent)s", {"agent": widget.agent_id}
         )
@@ -215,6 +224,7 @@ class TestJsonAnswer:
         stack.fake.reply = ScriptedReply(content="And another.")
         await ask(page, "Again")
         await expect(replies(page).nth(2)).to_contain_text("And another.")
+        await turn_over(page)
         assert content_types == ["application/json", "application/json"]
         stored = stack.sql(
             "select count(distinct conversation_id) from public.conversations c"
@@ -238,6 +248,7 @@ class TestHandOver:
         await ask(page, "Can I talk to a person, please?")
         await expect(notes(page).last).to_have_text(FOLLOW_UP)
         await expect(page.locator(f"{TAG} [aria-live=polite]")).to_have_text(FOLLOW_UP)
+        await turn_over(page)
         escalations = stack.sql(
             "select count(*) from public.review_items where agent_id = %(agent)s and kind = 'escalation'",
             {"agent": widget.agent_id},
@@ -384,6 +395,7 @@ class TestRefusals:
         await open_widget(page, stack.site_url)
         await ask(page, "One")
         await expect(replies(page).nth(1)).to_contain_text("First answer.")
+        await turn_over(page)
         await ask(page, "Two")
         await expect(notes(page).last).to_contain_text("You're sending messages a little fast.")
         refused = statuses[-1]

@@ -10,25 +10,28 @@ from __future__ import annotations
 
 import json
 import re
+import tomllib
 import uuid
 from collections.abc import Callable
 
 import httpx
 import pytest
-from vercel.queue import sanitize_name
 
 from shared.local.build_output import ROOT, BuiltFunction, built_functions, output_config
 from shared.local.cli import DEMO_USER, DEMO_WIDGET_KEY
-from shared.local.routes import queue_triggers, rewrites
+from shared.local.routes import rewrites
 from tests.deploy.conftest import CRON_SECRET, Deployment, ServeBuilt
 from tests.factories import access_token
 from tests.fakes.stripe_api import event, sign, stripe_id
 
 BUILT = [function.name for function in built_functions()]
+# Functions that answer HTTP at the paths config.json routes to them, and queue subscribers.
+SUBSCRIBERS = [function.name for function in built_functions() if function.config.get("experimentalTriggers")]
+HTTP_FUNCTIONS = [name for name in BUILT if name not in SUBSCRIBERS]
+SCANNING_FUNCTIONS = {"functions/cron_scans.py", "_py_subscribers/functions-queues-scan__steps"}
 # Repository files that must never be deployed, and the dependencies only the scan worker may ship.
 NOT_DEPLOYED = ("tests/", "bench/", "docs/", "scripts/", "supabase/", "shared/local/", "node_modules/", ".vercel/")
 EXTRACTION_STACK = ("_vendor/trafilatura/", "_vendor/lxml/", "_vendor/babel/", "_vendor/courlan/")
-EXTRACTING_FUNCTIONS = {"functions/scanner/cron_scans.py", "functions/scanner/scan_steps.py"}
 ORIGIN = "http://localhost:3000"
 # The widget and the webhook start most often; they ship no user auth and no extraction stack.
 EXTERNAL_BUDGET_MB = 60
@@ -50,11 +53,11 @@ def test_ships_only_what_it_runs(built: dict[str, BuiltFunction], name: str) -> 
     shipped = built[name].shipped_files()
     stray = sorted(path for path in shipped if path.startswith(NOT_DEPLOYED))
     assert not stray, f"{name} deploys repository tooling: {stray[:10]}"
-    extraction = sorted({path.split("/")[1] for path in shipped if path.startswith(EXTRACTION_STACK)})
-    if name in EXTRACTING_FUNCTIONS:
-        assert extraction, f"{name} extracts pages but ships no extraction stack"
-    else:
-        assert not extraction, f"{name} ships the page-extraction stack it never uses: {extraction}"
+    extraction = {path.split("/")[1] for path in shipped if path.startswith(EXTRACTION_STACK)}
+    if name in SCANNING_FUNCTIONS:
+        assert extraction, f"{name} scans pages but ships no extraction stack"
+    if name.startswith("functions/external/"):
+        assert not extraction, f"{name} ships the page-extraction stack it never uses: {sorted(extraction)}"
 
 
 @pytest.mark.parametrize("name", [name for name in BUILT if name.startswith("functions/external/")])
@@ -63,24 +66,15 @@ def test_external_functions_stay_under_60_mb_unzipped(built: dict[str, BuiltFunc
     total = sum(sizes.values()) / 1e6
     largest = ", ".join(f"{part} {size / 1e6:.1f}" for part, size in sizes.most_common(8))
     assert total <= EXTERNAL_BUDGET_MB, f"{name} is {total:.1f} MB unzipped; largest: {largest}"
-    assert not any(path.startswith("_vendor/cryptography/") for path in built[name].shipped_files())
 
 
-@pytest.mark.parametrize("name", BUILT)
+@pytest.mark.parametrize("name", HTTP_FUNCTIONS)
 def test_starts_through_vercels_entry_and_every_rewrite_reaches_its_routes(
     built: dict[str, BuiltFunction], serve_built: ServeBuilt, deployment: Deployment, name: str
 ) -> None:
     served = serve_built(name)  # imports with only its bundle; raises with its output if it cannot
     assert any(m["type"] == "server-started" for m in served.messages)
     module = built[name].module
-    if module.removeprefix("functions.") in queue_triggers():
-        # Vercel invokes it with queue messages, not through a rewrite: its app answers the push (a
-        # POST that is no delivery is refused by the SDK's accept_and_handle, as the project's problem).
-        refused = httpx.post(served.base_url + "/", content=b"{}", headers={"content-type": "application/json"})
-        assert refused.status_code == 400, refused.text
-        assert refused.headers["content-type"].startswith("application/problem+json")
-        assert refused.headers.get("x-request-id"), "not answered by the project's app"
-        return
     sources = [r.source for r in rewrites() if f"functions.{r.function}" == module]
     assert sources, f"{name} has no rewrite"
     nowhere = deployment_request_direct(served.base_url, "/api/__no_such_route__")
@@ -96,6 +90,20 @@ def test_starts_through_vercels_entry_and_every_rewrite_reaches_its_routes(
 
 def deployment_request_direct(base_url: str, path: str) -> str:
     return httpx.get(base_url + path, timeout=30).text
+
+
+@pytest.mark.parametrize("name", SUBSCRIBERS)
+def test_each_queue_subscriber_starts_through_vercels_entry(
+    built: dict[str, BuiltFunction], serve_built: ServeBuilt, name: str
+) -> None:
+    served = serve_built(name)  # imports with only its bundle; raises with its output if it cannot
+    assert any(m["type"] == "server-started" for m in served.messages)
+    declared = {
+        f"functions-{s['entrypoint'].split('.', 1)[1].replace('.', '-')}": set(s["topics"])
+        for s in tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["vercel"]["subscribers"]
+    }
+    topics = {trigger["topic"] for trigger in built[name].config["experimentalTriggers"]}
+    assert topics == declared[name.split("/")[1].replace("__", "_")]
 
 
 # -- each function's own behaviour ----------------------------------------------------------------
@@ -211,10 +219,6 @@ def test_function_settings_are_in_the_build_output(built: dict[str, BuiltFunctio
         for source, settings in build.get("config", {}).get("functions", {}).items():
             config = built[source].config
             for key, value in settings.items():
-                if key == "experimentalTriggers":
-                    # The builder names each queue trigger's consumer group after the function's path;
-                    # the function subscribes with that name (shared/queues.py).
-                    value = [{**trigger, "consumer": str(sanitize_name(source))} for trigger in value]
                 if key != "excludeFiles":
                     assert config.get(key) == value, f"{source}: {key} is {config.get(key)} in the build output"
-    assert built["functions/scanner/cron_scans.py"].config["maxDuration"] >= 60  # docs/scans.md
+    assert built["functions/cron_scans.py"].config["maxDuration"] >= 60  # docs/scans.md

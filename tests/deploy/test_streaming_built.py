@@ -58,7 +58,7 @@ def test_events_leave_vercels_entry_as_they_are_written(streaming_widget: Served
         headers={"origin": ORIGIN, "accept": "text/event-stream"},
         timeout=30,
     ) as response:
-        assert response.status_code == 200, response.read()
+        assert response.status_code == 200, (response.read(), streaming_widget.logs()[-20:])
         assert response.headers["content-type"].startswith("text/event-stream")
         name = ""
         for line in response.iter_lines():

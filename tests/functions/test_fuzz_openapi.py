@@ -5,11 +5,13 @@ it, and schemathesis turns every operation into a Hypothesis strategy, in both m
 paths, queries and headers that fit the schema, and ones that break it. Every generated request
 is sent once per kind of caller the operation has:
 
-* dashboard: no token, a garbage token, and real Supabase access tokens of an owner, an admin
-  and a member of the organization, and of another organization's owner;
+* dashboard: no token (or the garbage bearer token schemathesis generates), and real Supabase
+  access tokens of an owner, an admin and a member of the organization, and of another
+  organization's owner;
 * widget: an unknown key, the agent's real key (with and without its allowed origin), and the
   visitor token of a real conversation;
 * cron: no secret, a wrong one, the real ``CRON_SECRET``;
+* Supabase Auth's admin API (invitations) and Stripe's API at the network edge (loopback fakes);
 * Stripe: unsigned, wrongly signed, and correctly signed bodies (generated events, signed with
   the endpoint's secret, so the fuzzer reaches the ledger and the re-read from the loopback Stripe).
 
@@ -19,13 +21,15 @@ tenant checks (a stateful walk without OpenAPI links: ids from the world the tes
 
 Every answer must hold: no 5xx; every error an ``application/problem+json`` document with its
 status; no traceback, no secret from the settings, no internal host name or path. The budget is
-``FUZZ_EXAMPLES`` examples per operation, caller and mode (default 12; derandomized, so CI sees
-the same requests every run; raise it locally to search further).
+``FUZZ_EXAMPLES`` examples per operation, caller and mode (default 5, about a thousand requests;
+derandomized, so CI sees the same requests every run; raise it locally to search further, e.g.
+``FUZZ_EXAMPLES=60``).
 """
 
 from __future__ import annotations
 
 import base64
+import importlib
 import json
 import os
 import re
@@ -34,7 +38,6 @@ import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -45,40 +48,27 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
 
-from functions import (
-    billing,
-    connection_verify,
-    cron_deliveries,
-    cron_scans,
-    health,
-    scan,
-    stripe_webhook,
-    widget_chat,
-)
 from shared.billing.stripe_client import close_stripe_clients
 from shared.connections.providers import get_provider_environment
 from shared.db.session import get_database
+from shared.egress import EgressPolicy
+from shared.gateway.keys import ModelKeyEnvironment, get_model_key_environment
+from shared.local.routes import function_modules
 from shared.scans import ScanEnvironment, get_scan_environment
 from shared.settings import get_settings
 from tests.conftest import REDIS_URL, Connection, TransactionDatabase
 from tests.factories import access_token, add_member, create_agent, create_org
 from tests.fakes.providers import Fakes, running_fakes
 from tests.fakes.stripe_api import API_BASE, SECRET_KEY, WEBHOOK_SECRET, fake_stripe, sign
+from tests.fakes.supabase_auth import SERVICE_ROLE_KEY, FakeAuth, running_fake_auth
 
-EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "12"))
+EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "5"))
 CRON_SECRET = "cron-secret-for-the-fuzzer-0123456789abcdef"
 ORIGIN = "https://shop.example.com"
 
-FUNCTIONS: dict[str, FastAPI] = {
-    "health": health.app,
-    "widget_chat": widget_chat.app,
-    "connection_verify": connection_verify.app,
-    "cron_deliveries": cron_deliveries.app,
-    "scan": scan.app,
-    "cron_scans": cron_scans.app,
-    "stripe_webhook": stripe_webhook.app,
-    "billing": billing.app,
-}
+# Every function that answers HTTP (queue subscribers take messages, not requests: functions/queues/).
+MODULES = {name: importlib.import_module(f"functions.{name}") for name in function_modules()}
+FUNCTIONS: dict[str, FastAPI] = {name: module.app for name, module in MODULES.items() if hasattr(module, "app")}
 
 
 @dataclass(frozen=True)
@@ -114,13 +104,12 @@ def _targets() -> list[Target]:
 TARGETS = _targets()
 
 CALLERS = {
-    "dashboard": ["anonymous", "garbage-token", "owner", "admin", "member", "outsider"],
+    "dashboard": ["anonymous", "owner", "admin", "member", "outsider"],
     "widget": ["unknown-key", "key-without-origin", "key-and-origin", "visitor-token"],
     "cron": ["no-secret", "wrong-secret", "cron-secret"],
     "stripe": ["unsigned", "wrong-secret", "signed"],
     "public": ["anyone"],
 }
-
 
 
 def _modes(target: Target) -> list[GenerationMode]:
@@ -141,8 +130,8 @@ CASES = [
 
 def test_every_function_and_operation_is_fuzzed() -> None:
     """A function or route added later is fuzzed without anyone remembering to add it."""
-    functions = {p.stem for p in Path(health.__file__).parent.glob("*.py")} - {"__init__"}
-    assert functions == set(FUNCTIONS), f"functions not fuzzed: {functions - set(FUNCTIONS)}"
+    without_http = set(MODULES) - set(FUNCTIONS)
+    assert all(name.startswith("queues.") for name in without_http), f"functions not fuzzed: {without_http}"
     routes = {(m, r.path) for app in FUNCTIONS.values() for r in app.routes for m in getattr(r, "methods", ())}
     fuzzed = {(t.method, t.path) for t in TARGETS}
     assert {r for r in routes if r[0] != "HEAD"} <= fuzzed, f"routes not fuzzed: {routes - fuzzed}"
@@ -168,9 +157,17 @@ def providers() -> Iterator[Fakes]:
         yield running
 
 
+@pytest.fixture(scope="module")
+def supabase_auth() -> Iterator[FakeAuth]:
+    with running_fake_auth() as running:
+        yield running
+
+
 @pytest.fixture
-async def environment(monkeypatch: pytest.MonkeyPatch, worker_db: str) -> AsyncIterator[None]:
+async def environment(monkeypatch: pytest.MonkeyPatch, worker_db: str, supabase_auth: FakeAuth) -> AsyncIterator[None]:
     monkeypatch.setenv("CRON_SECRET", CRON_SECRET)
+    monkeypatch.setenv("SUPABASE_URL", supabase_auth.url)
+    monkeypatch.setenv("SUPABASE_SERVICE_ROLE_KEY", SERVICE_ROLE_KEY)
     monkeypatch.setenv("STRIPE_SECRET_KEY", SECRET_KEY)
     monkeypatch.setenv("STRIPE_WEBHOOK_SECRETS", WEBHOOK_SECRET)
     monkeypatch.setenv("STRIPE_API_BASE", API_BASE)
@@ -184,7 +181,7 @@ async def environment(monkeypatch: pytest.MonkeyPatch, worker_db: str) -> AsyncI
 
 
 @pytest.fixture
-async def world(db: Connection, environment: None, direct_redis: Any) -> AsyncIterator[World]:
+async def world(db: Connection, environment: None) -> World:
     org = await create_org(db)
     users = {
         "owner": org["owner"],
@@ -218,14 +215,14 @@ async def world(db: Connection, environment: None, direct_redis: Any) -> AsyncIt
         "scan_id": [str(scan_row["id"])],
         "connection_id": [],  # created through the API once the clients exist
     }
-    yield World(org, users, agent, key, ids)
-    for pattern in (f"*{agent['id']}*", f"*{org['id']}*"):
-        for found in direct_redis.scan_iter(match=pattern, count=1000):
-            direct_redis.delete(found)
+    return World(org, users, agent, key, ids)  # its rate-limit counters in Redis expire with their windows
 
 
 @pytest.fixture
-async def clients(db: Connection, world: World, providers: Fakes) -> AsyncIterator[dict[str, httpx.AsyncClient]]:
+async def clients(
+    request: pytest.FixtureRequest, db: Connection, world: World, providers: Fakes
+) -> AsyncIterator[dict[str, httpx.AsyncClient]]:
+    target: Target = request.node.callspec.params["target"]
     opened: dict[str, httpx.AsyncClient] = {}
     for name, app in FUNCTIONS.items():
         app.dependency_overrides[get_database] = lambda: TransactionDatabase(db)
@@ -233,34 +230,48 @@ async def clients(db: Connection, world: World, providers: Fakes) -> AsyncIterat
         app.dependency_overrides[get_scan_environment] = lambda: ScanEnvironment(
             resolver=providers.resolver, politeness_seconds=0, concurrency=1
         )
+        # A customer's model base URL resolves through the fakes' resolver: no real DNS, no internet.
+        app.dependency_overrides[get_model_key_environment] = lambda: ModelKeyEnvironment(
+            EgressPolicy(purpose="model-provider"), resolver=providers.resolver
+        )
         transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
         opened[name] = httpx.AsyncClient(transport=transport, base_url="http://test")
     try:
-        first = await opened["widget_chat"].post(
-            f"/api/widget/{world.key}/chat", json={"message": "Hello"}, headers={"Origin": ORIGIN}
-        )
-        assert first.status_code == 200, first.text
-        world.visitor_token = first.json()["visitor_token"]
-        secret = "whsec_" + base64.b64encode(os.urandom(32)).decode()
-        created = await opened["connection_verify"].post(
-            "/api/connections",
-            json={
-                "org_id": str(world.org["id"]),
-                "kind": "webhook",
-                "name": "CRM",
-                "url": providers.webhook.endpoint(),
-                "signing_secret": secret,
-            },
-            headers={"Authorization": f"Bearer {access_token(world.users['owner'])}"},
-        )
-        assert created.status_code == 201, created.text
-        world.ids["connection_id"] = [created.json()["id"]]
-        world.secrets.append(secret)
+        if target.caller_kind == "widget":
+            await _open_conversation(opened, world)
+        if "connection" in target.path:
+            await _create_connection(opened, world, providers)
         yield opened
     finally:
         for name, client in opened.items():
             await client.aclose()
             FUNCTIONS[name].dependency_overrides.clear()
+
+
+async def _open_conversation(opened: dict[str, httpx.AsyncClient], world: World) -> None:
+    first = await opened["external.widget_chat"].post(
+        f"/api/widget/{world.key}/chat", json={"message": "Hello"}, headers={"Origin": ORIGIN}
+    )
+    assert first.status_code == 200, first.text
+    world.visitor_token = first.json()["visitor_token"]
+
+
+async def _create_connection(opened: dict[str, httpx.AsyncClient], world: World, providers: Fakes) -> None:
+    secret = "whsec_" + base64.b64encode(os.urandom(32)).decode()
+    created = await opened["connection_verify"].post(
+        "/api/connections",
+        json={
+            "org_id": str(world.org["id"]),
+            "kind": "webhook",
+            "name": "CRM",
+            "url": providers.webhook.endpoint(),
+            "signing_secret": secret,
+        },
+        headers={"Authorization": f"Bearer {access_token(world.users['owner'])}"},
+    )
+    assert created.status_code == 201, created.text
+    world.ids["connection_id"] = [created.json()["id"]]
+    world.secrets.append(secret)
 
 
 # -- what every answer must hold ------------------------------------------------------------------
@@ -271,7 +282,7 @@ _TRACEBACK = re.compile(r"Traceback \(most recent call last\)|File \"[^\"]+\.py\
 def _forbidden_strings() -> list[str]:
     """Secrets from the settings and names of the machinery behind the functions."""
     configured = get_settings()
-    found = [CRON_SECRET, SECRET_KEY, WEBHOOK_SECRET, REDIS_URL, "postgresql://", "psycopg", "sqlalchemy"]
+    found = [CRON_SECRET, SECRET_KEY, WEBHOOK_SECRET, SERVICE_ROLE_KEY, REDIS_URL, "postgresql://", "psycopg"]
     for name in type(configured).model_fields:
         value = getattr(configured, name)
         text = value.get_secret_value() if hasattr(value, "get_secret_value") else None
@@ -323,8 +334,8 @@ def _headers_for(caller: str, world: World, generated: dict[str, str]) -> dict[s
     headers = {k: v for k, v in generated.items() if k.lower() not in {"authorization", "stripe-signature"}}
     if caller in world.users:
         headers["Authorization"] = f"Bearer {access_token(world.users[caller])}"
-    elif caller == "garbage-token":
-        headers["Authorization"] = "Bearer " + generated.get("Authorization", "x").removeprefix("Bearer ")
+    elif caller == "anonymous" and "Authorization" in generated:
+        headers["Authorization"] = generated["Authorization"]  # schemathesis's own bearer value
     elif caller == "wrong-secret":
         headers["Authorization"] = "Bearer not-the-cron-secret"
     elif caller == "cron-secret":
@@ -425,7 +436,11 @@ async def test_no_request_breaks_a_function(
         content = data if isinstance(data, bytes) else str(data).encode()
     try:
         response = await clients[target.function].request(
-            target.method, url, params=kwargs.get("params") or None, headers=headers, content=content
+            target.method,
+            url,
+            params=_with_real_ids(kwargs.get("params") or {}, world, pick) or None,
+            headers=headers,
+            content=content,
         )
     except (httpx.InvalidURL, UnicodeEncodeError):
         return  # a request no HTTP client can send (a header with a newline, say)

@@ -15,8 +15,8 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
+from functions.cron_scans import app as cron_app
 from functions.scan import app
-from functions.scanner.cron_scans import app as cron_app
 from shared.db.session import get_database
 from shared.egress import CUSTOMER_MESSAGES, EgressReason
 from shared.scans import ScanEnvironment, get_scan_environment

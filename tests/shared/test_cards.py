@@ -242,9 +242,9 @@ class TestRefusal:
 
 # Every request body field the card scan skips, by function and route: a reviewed, enumerated list.
 EXPECTED_EXEMPTIONS = {
-    ("billing", "/api/billing/checkout"): {("org_id",)},
-    ("billing", "/api/billing/portal"): {("org_id",)},
-    ("connection_verify", "/api/connections"): {
+    ("billing", "POST /api/billing/checkout"): {("org_id",)},
+    ("billing", "POST /api/billing/portal"): {("org_id",)},
+    ("connection_verify", "POST /api/connections"): {
         ("org_id",),
         ("parent", "id"),
         ("repository",),
@@ -253,9 +253,11 @@ EXPECTED_EXEMPTIONS = {
         ("url",),
         ("webhook_url",),
     },
-    ("invitations", "/api/invitations"): {("email",), ("org_id",)},
-    ("scan", "/api/scans"): {("agent_id",), ("start_url",)},
-    ("widget_chat", "/api/widget/{key}/chat"): {("conversation_id",)},
+    ("invitations", "POST /api/invitations"): {("email",), ("org_id",)},
+    ("scan", "POST /api/scans"): {("agent_id",), ("start_url",)},
+    ("external.widget_chat", "POST /api/widget/{key}/chat"): {("conversation_id",)},
+    ("model_key", "PUT /api/model-key"): {("api_key",), ("base_url",), ("org_id",)},
+    ("model_key", "PATCH /api/model-key"): {("org_id",)},
 }
 
 
@@ -268,5 +270,5 @@ class TestEveryExemptionIsListed:
                 continue
             for route in api_routes(app.routes):
                 if route.body_field is not None and (paths := identifier_paths(route.body_field.field_info.annotation)):
-                    found[(name, route.path)] = set(paths)
+                    found[(name, " ".join(sorted(route.methods)) + " " + route.path)] = set(paths)
         assert found == EXPECTED_EXEMPTIONS

@@ -4,14 +4,13 @@ The queue is the SDK's own emulation (``vercel.queue.embedded.embedded_queue_ser
 are sent through ``QueueClient``, stored, leased and pushed to the subscriber through
 ``accept_and_handle``, and acknowledged or retried by the SDK, as on the platform. The subscriber
 registered here is the production one's twin, with the loopback providers instead of the real
-ones (functions/queue_deliveries.py passes the production environment). Real commits, the real
+ones (functions/queues/deliveries.py passes the production environment). Real commits, the real
 pool, fresh tenants.
 """
 
 from __future__ import annotations
 
 import asyncio
-import importlib
 import json
 import os
 import subprocess
@@ -22,20 +21,24 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-import httpx
-import pytest
-from vercel.queue import Message, QueueClient, sanitize_name, subscribe
-from vercel.queue.devserver import embedded_queue_dev_server
+from vercel.queue import Message, subscribe
 from vercel.queue.embedded import embedded_queue_service
 from vercel.queue.testing import clear_subscriptions
 
-from functions import queue_deliveries
 from shared.connections import delivery, outbox
 from shared.connections.delivery import WorkerSettings, run_deliveries
 from shared.connections.schemas import Credential
 from shared.db.session import get_database
-from shared.local.routes import queue_triggers
-from shared.queues import DELIVERIES_CONSUMER, DELIVERIES_TOPIC, QueueEnvironment, come_back, publish
+from shared.local.queue import subscriber_modules
+from shared.queues import (
+    DELIVERIES_CONSUMER,
+    DELIVERIES_TOPIC,
+    SCAN_STEPS_CONSUMER,
+    SCAN_STEPS_TOPIC,
+    QueueEnvironment,
+    come_back,
+    publish,
+)
 from tests.conftest import ROOT
 from tests.fakes.providers import Answer, Fakes
 from tests.shared import test_delivery as outbox_tests
@@ -257,52 +260,22 @@ async def _all(rows: Any, wanted: str) -> bool:
     return bool(values) and all(value == wanted for value in values)
 
 
-def test_each_queue_triggered_function_subscribes_to_its_trigger_as_vercel_names_it() -> None:
-    """In a fresh interpreter, as Vercel's runtime imports a function: the topic of each function's
-    ``@subscribe`` is its vercel.json trigger's, and its consumer group the one Vercel derives from the
-    function's path (the SDK's ``sanitize_name``, the builder's ``sanitizeConsumerName``)."""
-    triggers = queue_triggers()
+def test_the_subscriber_functions_declare_their_topics_as_vercel_reads_them() -> None:
+    """The build imports each module named in ``[[tool.vercel.subscribers]]`` and reads the SDK's
+    registry (``get_subscriptions``) to give each function its queue triggers: do the same, in a fresh
+    interpreter."""
+    modules = subscriber_modules()
     script = (
         "import importlib, json, sys\n"
         "from vercel.queue import get_subscriptions\n"
-        "for module in sys.argv[1:]: importlib.import_module('functions.' + module)\n"
+        "for module in sys.argv[1:]: importlib.import_module(module)\n"
         "print(json.dumps(sorted([s.func.__module__, s.topic, s.consumer_group] for s in get_subscriptions())))\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "VERCEL": "1", "VERCEL_REGION": "iad1"}
     result = subprocess.run(  # noqa: S603 - our own interpreter
-        [sys.executable, "-c", script, *triggers], cwd=ROOT, env=env, capture_output=True, text=True, check=True
+        [sys.executable, "-c", script, *modules], cwd=ROOT, env=env, capture_output=True, text=True, check=True
     )
-    assert json.loads(result.stdout) == sorted(
-        [f"functions.{module}", topic, sanitize_name(f"functions/{module.replace('.', '/')}.py")]
-        for module, topic in triggers.items()
-    )
-
-
-class TestThePushCallback:
-    """What Vercel does with a message: POST it, CloudEvent headers and all, to the function."""
-
-    async def test_a_pushed_message_reaches_the_subscriber_and_is_acknowledged(
-        self, committed_db: None, monkeypatch: pytest.MonkeyPatch
-    ) -> None:
-        with embedded_queue_dev_server(manual_clock=False) as server:
-            for name, value in {
-                "VERCEL_QUEUE_BASE_URL": server.base_url,
-                "VERCEL_QUEUE_TOKEN": "vc-dev-token",
-                "VERCEL_REGION": "iad1",
-            }.items():
-                monkeypatch.setenv(name, value)
-            clear_subscriptions()
-            function = importlib.reload(queue_deliveries)  # its @subscribe, as a fresh invocation has it
-            try:
-                await QueueClient().send(DELIVERIES_TOPIC, {"delivery_id": str(uuid.uuid4())})
-                [push] = list(server.iter_push_deliveries(DELIVERIES_TOPIC, str(DELIVERIES_CONSUMER)))
-                transport = httpx.ASGITransport(app=function.app)
-                async with httpx.AsyncClient(transport=transport, base_url="http://function") as http:
-                    answer = await http.post("/", content=push.body, headers=push.headers)
-                    garbage = await http.post("/", content=b"{}", headers={"content-type": "application/json"})
-            finally:
-                clear_subscriptions()
-            assert answer.status_code == 204
-            assert list(server.iter_push_deliveries(DELIVERIES_TOPIC, str(DELIVERIES_CONSUMER))) == [], "acknowledged"
-        assert garbage.status_code == 400
-        assert garbage.headers["content-type"].startswith("application/problem+json")
+    assert json.loads(result.stdout) == [
+        ["functions.queues.deliveries", DELIVERIES_TOPIC, DELIVERIES_CONSUMER],
+        ["functions.queues.scan_steps", SCAN_STEPS_TOPIC, SCAN_STEPS_CONSUMER],
+    ]

@@ -1,7 +1,7 @@
 """Scans advancing in queue steps, on the SDK's embedded queue service, against the loopback site.
 
 Each step message names a scan and a step; the subscriber registered here is the production one's
-twin with the test site's environment (functions/scanner/scan_steps.py passes the production one).
+twin with the test site's environment (functions/queues/scan_steps.py passes the production one).
 Real commits, the real pool, real Redis (per-host turns, robots.txt rules), fresh tenants.
 """
 

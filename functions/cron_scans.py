@@ -1,6 +1,6 @@
 """GET /api/cron/scans: the scan sweeper, run by Vercel Cron every minute.
 
-Scans advance in queue steps (functions/scanner/scan_steps.py). Only the scheduler may call this
+Scans advance in queue steps (functions/queues/scan_steps.py). Only the scheduler may call this
 (CRON_SECRET bearer). Each run claims scans whose step message was lost (left alone for a while) or
 whose worker died, with FOR UPDATE SKIP LOCKED, works within a time budget and hands what is left
 back to the queue; see shared/scans/worker.py.

@@ -20,6 +20,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 ROOT = Path(__file__).resolve().parents[2]
 VERCEL_JSON = ROOT / "vercel.json"
 FUNCTIONS_DIR = ROOT / "functions"
+SUBSCRIBERS_DIR = "queues"
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,10 @@ def content_type(file: Path) -> str:
 def function_modules() -> list[str]:
     """Every function, as its module name under functions/ (a subfolder has its own dependencies)."""
     files = FUNCTIONS_DIR.rglob("[!_]*.py")
-    return sorted(".".join(p.relative_to(FUNCTIONS_DIR).with_suffix("").parts) for p in files)
+    modules = (p.relative_to(FUNCTIONS_DIR).with_suffix("").parts for p in files)
+    # functions/queues/ holds queue subscribers: pyproject.toml declares them, and Vercel invokes
+    # them with messages, not requests (they have no app and no route).
+    return sorted(".".join(parts) for parts in modules if parts[0] != SUBSCRIBERS_DIR)
 
 
 def function_file(module: str) -> Path:

@@ -155,15 +155,14 @@ class TestTheSweeperFindsLostMessages:
         assert sub.handled == []
         assert fakes.slack.messages == []
 
-        sweep = await run_deliveries(get_database(), env=fakes.env)
-        assert sweep.claimed == 0, "within the grace a due delivery is its message's"
+        await run_deliveries(get_database(), env=fakes.env)
+        assert await status(admin, org) == ["pending"], "within the grace a due delivery is its message's"
         await q(
             admin,
             "update public.deliveries set next_attempt_at = now() - interval '31 seconds' where org_id = %s",
             org["id"],
         )
-        sweep = await run_deliveries(get_database(), env=fakes.env)
-        assert (sweep.claimed, sweep.delivered) == (1, 1)
+        await run_deliveries(get_database(), env=fakes.env)
         assert len(fakes.slack.messages) == 1
         assert await status(admin, org) == ["delivered"]
 

@@ -26,7 +26,8 @@ from vercel.queue import QueueClient, RetryAfter
 
 from shared.logs import DECISION_REASON, log_event
 
-# Topics and the consumer group that subscribes to each (one subscriber function per topic).
+# Topics and the consumer group of the one subscriber function of each (functions/queues/; the build
+# gives each function a queue trigger for the consumer group its @subscribe names).
 DELIVERIES_TOPIC: Final = "deliveries"
 DELIVERIES_CONSUMER: Final = "delivery-sender"
 SCAN_STEPS_TOPIC: Final = "scan-steps"

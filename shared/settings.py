@@ -56,6 +56,8 @@ class Settings(BaseSettings):
     openai_api_key: SecretStr = SecretStr("")
     openai_base_url: str = "https://api.openai.com/v1"
     model_timeout_seconds: float = Field(default=20.0, gt=0)
+    # An admin key of the same provider organization: read-only use by the usage reconciliation.
+    openai_admin_key: SecretStr = SecretStr("")
 
     stripe_secret_key: SecretStr = SecretStr("")
     # Several secrets during rotation, comma separated.

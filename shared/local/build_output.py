@@ -46,6 +46,7 @@ class BuiltFunction:
 
     name: str
     folder: Path
+    root: Path = ROOT  # the project the build ran in: filePathMap's relative paths start there
 
     @property
     def config(self) -> dict[str, Any]:
@@ -55,7 +56,7 @@ class BuiltFunction:
     def shipped_files(self) -> dict[str, Path]:
         """Path inside the function -> file on disk: ``filePathMap`` plus the files in the folder itself."""
         files = {
-            inside: (source if Path(source).is_absolute() else ROOT / source)
+            inside: (source if Path(source).is_absolute() else self.root / source)
             for inside, source in self.config.get("filePathMap", {}).items()
         }
         for path in self.folder.rglob("*"):
@@ -86,9 +87,8 @@ def built_functions(output: Path = OUTPUT) -> list[BuiltFunction]:
     found = []
     for config in sorted((output / "functions").rglob(f"*.func/{CONFIG_FILE}")):
         folder = config.parent
-        found.append(
-            BuiltFunction(name=folder.relative_to(output / "functions").as_posix()[: -len(".func")], folder=folder)
-        )
+        name = folder.relative_to(output / "functions").as_posix()[: -len(".func")]
+        found.append(BuiltFunction(name=name, folder=folder, root=output.parents[1]))
     return found
 
 
@@ -163,7 +163,7 @@ def _read_ipc(listener: socket.socket, messages: list[dict[str, Any]], started: 
 
 @contextlib.contextmanager
 def serve(
-    function: BuiltFunction, env: dict[str, str], *, timeout: float = 60.0, instance: str = ""
+    function: BuiltFunction, env: dict[str, str], *, timeout: float = 60.0, instance: str = "", reuse: bool = False
 ) -> Iterator[ServedFunction]:
     """Run one built function as Vercel's Python runtime does and yield where it answers.
 
@@ -171,8 +171,11 @@ def serve(
     ``.vc-config.json`` sets plus ``env``, and it tells us its port over the IPC socket, as it tells
     Vercel's runtime. Fails with the function's own output if it cannot start. ``instance`` names a
     second copy of a function served at the same time (another environment), in its own folder.
+    ``reuse`` starts from the folder a previous call assembled (a benchmark times the start only).
     """
-    folder = assemble(function, ASSEMBLED / (function.name + instance))
+    folder = ASSEMBLED / (function.name + instance)
+    if not (reuse and folder.is_dir()):
+        assemble(function, folder)
     with tempfile.TemporaryDirectory(prefix="vc-ipc-") as ipc_dir:
         ipc_path = os.path.join(ipc_dir, "ipc.sock")
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -2,8 +2,8 @@
 
 ``hiredhands dev`` starts ``python -m vercel.queue.devserver`` (the SDK's HTTP emulation of the
 queue service), points the SDK at it through its own environment variables, and runs every
-subscriber of ``functions/queues`` with the SDK's polling consumer (``poll_and_handle``): the same
-send, lease, acknowledge and retry calls as on Vercel, where the platform pushes instead of polling.
+subscriber function declared in pyproject.toml with the SDK's polling consumer (``poll_and_handle``):
+the same send, lease, acknowledge and retry calls as on Vercel, where the platform pushes instead.
 """
 
 from __future__ import annotations
@@ -14,11 +14,18 @@ import json
 import subprocess
 import sys
 import threading
+import tomllib
+from pathlib import Path
 from typing import Any
 
-SUBSCRIBER_MODULES = ("functions.queues.deliveries", "functions.queues.scan_steps")
 # The SDK's marker for a local broker: no deployment to pin messages to (vercel.queue config).
 DEV_TOKEN = "vc-dev-token"  # noqa: S105 - a fixed public marker, not a secret
+
+
+def subscriber_modules() -> list[str]:
+    """The modules pyproject.toml declares as subscribers (``[[tool.vercel.subscribers]]``)."""
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
+    return [str(entry["entrypoint"]) for entry in pyproject["tool"]["vercel"]["subscribers"]]
 
 
 def start_queue_server() -> tuple[subprocess.Popen[str], dict[str, str]]:
@@ -41,7 +48,7 @@ def run_subscribers_in_thread(interval_seconds: float = 0.2) -> None:
     """Every subscriber polling the dev server, on an event loop of its own."""
     from vercel.queue import get_subscriptions, poll_and_handle
 
-    for module in SUBSCRIBER_MODULES:
+    for module in subscriber_modules():
         importlib.import_module(module)
     subscribers: list[Any] = [subscription.func for subscription in get_subscriptions()]
 

@@ -265,6 +265,7 @@ class _ScanRun:
         self.budget_exhausted = False
         self.next: tuple[tuple[str, int], asyncio.Task[tuple[Outcome, bool]]] | None = None
         self.next_step: int | None = None  # set when the scan was released unfinished
+        self.fetches_started = 0
 
     async def run(self) -> int | None:
         """Work until the deadline or the end; the next step's number when released unfinished."""
@@ -309,7 +310,7 @@ class _ScanRun:
                         state.frontier.clear()
                         await self._complete(StatusReason.PAGE_LIMIT)
                     return
-                if time.monotonic() >= self.deadline:
+                if self._out_of_time():
                     await self._flush()
                     if not self.budget_exhausted:
                         self.next_step = await store.release(self.db, state)
@@ -325,7 +326,7 @@ class _ScanRun:
             if requested:
                 state.pages_visited += 1
                 self.report.pages += 1
-            if state.frontier and state.pages_visited < state.page_limit and time.monotonic() < self.deadline:
+            if state.frontier and state.pages_visited < state.page_limit and not self._out_of_time():
                 self._start_fetch(crawler)
             await self._handle(crawler, outcome, depth)
             self.batch.visits += 1
@@ -341,9 +342,15 @@ class _ScanRun:
                         self.next = None
                     return
 
+    def _out_of_time(self) -> bool:
+        """No new page after the deadline, but at least one per run: a slow start (a cold client, a
+        busy machine) must not make every step end before it fetched anything."""
+        return self.fetches_started > 0 and time.monotonic() >= self.deadline
+
     # -- one page ---------------------------------------------------------------------------------
 
     def _start_fetch(self, crawler: Crawler) -> None:
+        self.fetches_started += 1
         url, depth = self.state.frontier.popleft()
         self.state.in_flight = (url, depth)
         self.next = ((url, depth), asyncio.create_task(self._fetch(crawler, url)))

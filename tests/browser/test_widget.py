@@ -51,6 +51,12 @@ async def turn_over(page: Page) -> None:
     await expect(page.locator(f"{TAG} form button")).to_have_attribute("aria-disabled", "false")
 
 
+async def freeze_clock(page: Page) -> None:
+    """Stop the page's clock (installed with ``page.clock.install()``): from here its timers fire only
+    when the test advances it, however long the test itself takes."""
+    await page.clock.pause_at(await page.evaluate("Date.now()") + 1000)
+
+
 async def open_widget(page: Page, url: str) -> None:
     await page.goto(url)
     await launcher(page).click()
@@ -396,6 +402,7 @@ class TestRefusals:
         await ask(page, "One")
         await expect(replies(page).nth(1)).to_contain_text("First answer.")
         await turn_over(page)
+        await freeze_clock(page)
         await ask(page, "Two")
         await expect(notes(page).last).to_contain_text("You're sending messages a little fast.")
         refused = statuses[-1]
@@ -418,6 +425,7 @@ class TestRefusals:
         statuses: list[Any] = []
         page.on("response", lambda r: statuses.append(r) if stack.chat_url_pattern.match(r.url) else None)
         await open_widget(page, stack.site_url)
+        await freeze_clock(page)
         await ask(page, "Are you there?")
         await expect(notes(page).last).to_have_text("Sorry, I can't answer right now. I'll try again in 5 minutes.")
         assert statuses[-1].status == 503

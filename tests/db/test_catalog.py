@@ -171,9 +171,7 @@ async def test_every_foreign_key_has_a_covering_index(db: Connection):
     async with db.transaction(force_rollback=True):
         await db.execute(sql.SQL("set local pgrst.db_schemas = {}").format(sql.Literal(",".join(EXPOSED_SCHEMAS))))
         findings = await (await db.execute(LINTS.read_text())).fetchall()
-    unindexed = {
-        f["detail"].split(" ")[2].strip('"') for f in findings if f["name"] == "unindexed_foreign_keys"
-    }
+    unindexed = {f["detail"].split(" ")[2].strip('"') for f in findings if f["name"] == "unindexed_foreign_keys"}
     assert unindexed == set(FOREIGN_KEYS_COVERED_BY_THEIR_FIRST_COLUMN), (
         f"foreign keys without a covering index: {sorted(unindexed - set(FOREIGN_KEYS_COVERED_BY_THEIR_FIRST_COLUMN))}"
     )
@@ -204,9 +202,9 @@ async def test_the_foreign_key_lint_reports_a_key_without_an_index(db: Connectio
         )
         await db.execute("create index lint_probe_org_agent_idx on public.lint_probe (org_id, agent_id)")
         findings = await (await db.execute(LINTS.read_text())).fetchall()
-    assert any(
-        f["name"] == "unindexed_foreign_keys" and "lint_probe_agent_fkey" in f["detail"] for f in findings
-    ), "an index in another column order does not cover the key"
+    assert any(f["name"] == "unindexed_foreign_keys" and "lint_probe_agent_fkey" in f["detail"] for f in findings), (
+        "an index in another column order does not cover the key"
+    )
 
 
 async def test_the_catalog_sees_every_tenant_table(db: Connection):

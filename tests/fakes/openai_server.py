@@ -11,7 +11,10 @@
 Every request is recorded (path, JSON body, headers) before anything else happens, so a test can
 assert that no call was made at all. ``delay_seconds`` holds each answer back (timeouts),
 ``fail_status`` answers with an OpenAI-shaped error, ``raw_body`` answers with any JSON at all and
-``raw_bytes`` with any bytes at all. Every answer carries an ``x-request-id``, as OpenAI's do
+``raw_bytes`` with any bytes at all. ``GET /v1/organization/usage/completions``,
+``/usage/embeddings`` and ``/costs`` serve the buckets in ``organization_reports`` (by path) as the
+admin usage API does: pages of ``page_size`` buckets linked by ``next_page`` cursors, only to
+``admin_key``. Every answer carries an ``x-request-id``, as OpenAI's do
 (``answered_ids``). ``billed_tokens()`` is what the server would bill for the chat requests it
 received, answered in time or not: the most each could cost, a token per byte of the request's
 messages and tools and every completion token it allowed.
@@ -88,6 +91,10 @@ class FakeOpenAI:
         self.answered_ids: list[str] = []
         self.embedding_dimensions = 1536
         self.vectors: dict[str, list[float]] = {}
+        self.admin_key = f"sk-admin-fake-{secrets.token_hex(8)}"
+        self.organization_reports: dict[str, list[dict[str, Any]]] = {}
+        self.page_size = 7
+        self.report_requests: list[tuple[str, dict[str, str]]] = []
         self.first_token_seconds = 0.0
         self.token_interval_seconds = 0.0
         self.stream_fail_after: int | None = None
@@ -109,6 +116,9 @@ class FakeOpenAI:
         self.answered_ids = []
         self.embedding_dimensions = 1536
         self.vectors = {}
+        self.organization_reports = {}
+        self.page_size = 7
+        self.report_requests = []
         self.first_token_seconds = 0.0
         self.token_interval_seconds = 0.0
         self.stream_fail_after = None
@@ -140,8 +150,31 @@ class FakeOpenAI:
             routes=[
                 Route("/v1/chat/completions", self._chat, methods=["POST"]),
                 Route("/v1/embeddings", self._embeddings, methods=["POST"]),
+                Route("/v1/organization/usage/completions", self._report, methods=["GET"]),
+                Route("/v1/organization/usage/embeddings", self._report, methods=["GET"]),
+                Route("/v1/organization/costs", self._report, methods=["GET"]),
                 Route("/v1/models", self._models, methods=["GET"]),
             ]
+        )
+
+    async def _report(self, request: Request) -> Response:
+        path = request.url.path.removeprefix("/v1")
+        params = dict(request.query_params)
+        self.report_requests.append((path, params))
+        if request.headers.get("authorization") != f"Bearer {self.admin_key}":
+            return _error(401, "Incorrect API key provided.", "invalid_request_error")
+        start, end = int(params["start_time"]), int(params.get("end_time", 2**62))
+        buckets = [b for b in self.organization_reports.get(path, []) if start <= b["start_time"] < end]
+        offset = int(params.get("page") or 0)
+        page = buckets[offset : offset + self.page_size]
+        more = offset + self.page_size < len(buckets)
+        return JSONResponse(
+            {
+                "object": "page",
+                "data": page,
+                "has_more": more,
+                "next_page": str(offset + self.page_size) if more else None,
+            }
         )
 
     async def _prelude(self, request: Request) -> tuple[dict[str, Any], Response | None]:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 import uvicorn
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from shared.egress import SCAN_POLICY, EgressPolicy
 
@@ -118,11 +118,24 @@ class FakeSite:
             self.user_agents.add(request.headers.get("user-agent", ""))
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        answered = False
+
+        async def send_counting(message: Message) -> None:
+            # The request stops being in flight when its last byte is handed over: the client cannot
+            # have it any sooner, however late this thread gets to run afterwards on a busy machine.
+            nonlocal answered
+            if message["type"] == "http.response.body" and not message.get("more_body", False) and not answered:
+                answered = True
+                with self._lock:
+                    self.in_flight -= 1
+            await send(message)
+
         try:
-            await self._answer(target, request, scope, receive, send)
+            await self._answer(target, request, scope, receive, send_counting)
         finally:
-            with self._lock:
-                self.in_flight -= 1
+            if not answered:
+                with self._lock:
+                    self.in_flight -= 1
 
     async def _answer(self, target: str, request: Request, scope: Scope, receive: Receive, send: Send) -> None:
         reply = self.pages.get(target) or self.pages.get(request.url.path) or Reply(404, b"<h1>Not found</h1>")

@@ -182,8 +182,13 @@ class FakeStripe:
             if self._idempotent_params[key] != params:
                 return httpx.Response(
                     400,
-                    json={"error": {"type": "idempotency_error", "message": "Keys for idempotent requests can only "
-                                    "be used with the same parameters they were first used with."}},
+                    json={
+                        "error": {
+                            "type": "idempotency_error",
+                            "message": "Keys for idempotent requests can only "
+                            "be used with the same parameters they were first used with.",
+                        }
+                    },
                 )
             return httpx.Response(200, json=self._idempotent[key], headers={"Idempotent-Replayed": "true"})
         if key:

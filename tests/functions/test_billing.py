@@ -126,9 +126,7 @@ class TestCheckout:
         await checkout(client, org["owner"], org_id=str(org["id"]), plan="starter")
         [lookup] = stripe_api.calls("GET", "/v1/prices")
         assert "hiredhands_starter_monthly" in str(lookup.url)
-        assert (
-            form(stripe_api.session_creates()[0])["line_items[0][price]"] == "price_starter_live"
-        )
+        assert form(stripe_api.session_creates()[0])["line_items[0][price]"] == "price_starter_live"
 
     async def test_the_customer_is_created_once_and_reused(
         self, client: httpx.AsyncClient, db: Connection, org: dict[str, Any], stripe_api: FakeStripe

@@ -548,9 +548,7 @@ class TestVisitorTokens:
         await (await superuser(db)).execute(
             "update public.conversations set status = 'closed' where id = %s", (opened["conversation_id"],)
         )
-        [row] = await rows(
-            db, "select visitor_id from public.conversations where id = %s", opened["conversation_id"]
-        )
+        [row] = await rows(db, "select visitor_id from public.conversations where id = %s", opened["conversation_id"])
         stored = await queries.store_turn(
             TransactionDatabase(db),
             conversation_id=uuid.UUID(opened["conversation_id"]),

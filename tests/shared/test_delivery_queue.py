@@ -29,7 +29,16 @@ from shared.connections import delivery, outbox
 from shared.connections.delivery import WorkerSettings, run_deliveries
 from shared.connections.schemas import Credential
 from shared.db.session import get_database
-from shared.queues import DELIVERIES_CONSUMER, DELIVERIES_TOPIC, QueueEnvironment, come_back, publish
+from shared.local.queue import subscriber_modules
+from shared.queues import (
+    DELIVERIES_CONSUMER,
+    DELIVERIES_TOPIC,
+    SCAN_STEPS_CONSUMER,
+    SCAN_STEPS_TOPIC,
+    QueueEnvironment,
+    come_back,
+    publish,
+)
 from tests.conftest import ROOT
 from tests.fakes.providers import Answer, Fakes
 from tests.shared import test_delivery as outbox_tests
@@ -253,20 +262,20 @@ async def _all(rows: Any, wanted: str) -> bool:
 
 def test_the_subscriber_functions_declare_their_topics_as_vercel_reads_them() -> None:
     """The build imports each module named in ``[[tool.vercel.subscribers]]`` and reads the SDK's
-    registry (``get_subscriptions``) to give each function its queue triggers: do the same."""
+    registry (``get_subscriptions``) to give each function its queue triggers: do the same, in a fresh
+    interpreter."""
+    modules = subscriber_modules()
     script = (
-        "import json, functions.queues.deliveries, functions.queues.scan_steps\n"
+        "import importlib, json, sys\n"
         "from vercel.queue import get_subscriptions\n"
-        "print(json.dumps(sorted([s.topic, s.consumer_group, s.func.__module__] for s in get_subscriptions())))\n"
+        "for module in sys.argv[1:]: importlib.import_module(module)\n"
+        "print(json.dumps(sorted([s.func.__module__, s.topic, s.consumer_group] for s in get_subscriptions())))\n"
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT), "VERCEL": "1", "VERCEL_REGION": "iad1"}
-    result = subprocess.run(  # noqa: S603 - fixed arguments
-        [sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, check=True, timeout=60
+    result = subprocess.run(  # noqa: S603 - our own interpreter
+        [sys.executable, "-c", script, *modules], cwd=ROOT, env=env, capture_output=True, text=True, check=True
     )
     assert json.loads(result.stdout) == [
-        ["deliveries", "delivery-sender", "functions.queues.deliveries"],
-        ["scan-steps", "scan-stepper", "functions.queues.scan_steps"],
+        ["functions.queues.deliveries", DELIVERIES_TOPIC, DELIVERIES_CONSUMER],
+        ["functions.queues.scan_steps", SCAN_STEPS_TOPIC, SCAN_STEPS_CONSUMER],
     ]
-    pyproject = (ROOT / "pyproject.toml").read_text()
-    for module in ("functions.queues.deliveries", "functions.queues.scan_steps"):
-        assert f'entrypoint = "{module}"' in pyproject

@@ -423,7 +423,9 @@ class TestFailures:
         sent = [request.headers["x-client-request-id"] for request in online.requests]
         assert [row["client_request_id"] for row in rows] == sent
         assert len(set(sent)) == 2, "one id per call, though both calls share the request id"
-        assert [row["provider_request_id"] for row in rows] == online.answered_ids
+        # answered_ids may also hold a late answer to an earlier test's call, given up on long ago.
+        assert all(row["provider_request_id"] in online.answered_ids for row in rows)
+        assert len({row["provider_request_id"] for row in rows}) == 2
         assert {row["request_id"] for row in rows} == {"req-turn"}
         assert not any(row["estimated"] for row in rows)
 
@@ -553,15 +555,23 @@ class TestASlowProviderStillBills:
         [probe] = await reservations(db, probe_org["id"])
         hold = probe["amount_microusd"]
         await set_limits(db, org["id"], monthly_budget_microusd=self.CALLS * hold)
-        gateway(MODEL_TIMEOUT_SECONDS="0.3")
+        gateway(MODEL_TIMEOUT_SECONDS="0.5")
         online.reset()
-        online.delay_seconds = 1.0  # answers every call, later than we wait
+        online.delay_seconds = 1.5  # answers every call, later than we wait
 
-        for _ in range(self.CALLS):
-            with pytest.raises(ModelUnavailable):
+        # Until the budget refuses: each call that reached the server was charged its whole hold.
+        # (On a busy machine a call can time out before its request went out: free, and the server
+        # never saw it, so one more call is made.)
+        outcomes: list[str] = []
+        for _ in range(self.CALLS + 3):
+            try:
                 await ask(tdb, org, agent, "What are your opening hours?")
-        with pytest.raises(BudgetExhausted):
-            await ask(tdb, org, agent, "What are your opening hours?")
+            except BudgetExhausted:
+                outcomes.append("refused")
+                break
+            except ModelUnavailable:
+                outcomes.append("timeout")
+        assert outcomes[-1] == "refused", outcomes
 
         billed = sum(
             cost_microusd("gpt-4o-mini", prompt_tokens=prompt, completion_tokens=completion)
@@ -569,9 +579,9 @@ class TestASlowProviderStillBills:
         )
         rows = await usage_rows(db, org["id"])
         metered = sum(row["cost_microusd"] for row in rows)
-        assert len(online.requests) == self.CALLS, "the server received every call that timed out, and no more"
-        assert [row["outcome"] for row in rows] == ["timeout"] * self.CALLS + ["rejected"]
-        assert all(row["estimated"] for row in rows[: self.CALLS])
+        assert len(online.requests) == self.CALLS, "the budget held exactly the calls the server received"
+        assert sum(row["estimated"] for row in rows) == self.CALLS
+        assert rows[-1]["outcome"] == "rejected"
         assert metered >= billed > 0, f"metered {metered} µ$ for calls the server bills {billed} µ$"
         period = await budget_period(db, org["id"])
         assert period is not None
@@ -790,6 +800,25 @@ class TestBudget:
         period = await budget_period(db, org["id"])
         assert period is not None
         assert period["spent_microusd"] <= hold + room
+
+    async def test_usage_reported_above_the_hold_is_charged_as_reported_and_logged(
+        self,
+        online: FakeOpenAI,
+        tdb: TransactionDatabase,
+        db: Connection,
+        org: dict[str, Any],
+        agent: dict[str, Any],
+        log_lines: list[str],
+    ) -> None:
+        online.reply.prompt_tokens, online.reply.completion_tokens = 100, 5000  # the call allowed 400
+
+        result = await ask(tdb, org, agent, request_id="req-over")
+
+        [hold] = await reservations(db, org["id"])
+        assert result.cost_microusd == cost_microusd("gpt-4o-mini", prompt_tokens=100, completion_tokens=5000)
+        assert hold["actual_microusd"] == result.cost_microusd > hold["amount_microusd"], "what the provider bills"
+        [over] = [json.loads(line) for line in log_lines if "usage-above-hold" in line]
+        assert (over["request_id"], over["completion_count"], over["level"]) == ("req-over", 5000, "warning")
 
     async def test_a_call_with_no_room_only_because_of_holds_in_flight_waits_for_them_to_settle(
         self, online: FakeOpenAI, tdb: TransactionDatabase, db: Connection, org: dict[str, Any], agent: dict[str, Any]

@@ -35,12 +35,14 @@ _ORG_BY_CUSTOMER = "select a.org_id from public.billing_accounts as a where a.st
 
 _ENSURE_ACCOUNT = "insert into public.billing_accounts (org_id) values (%(org_id)s) on conflict (org_id) do nothing"
 
-# Keeps the first customer ever stored: a racing second checkout cannot replace it.
+# Keeps the first customer ever stored: a racing second checkout cannot replace it. The account
+# row exists first (_ENSURE_ACCOUNT), so racing starts serialize on its row lock; an insert carrying
+# the customer id could instead hit the unique index on stripe_customer_id (23505) while the other
+# insert is still uncommitted.
 _LINK_CUSTOMER = """
-insert into public.billing_accounts (org_id, stripe_customer_id)
-values (%(org_id)s, %(customer_id)s)
-on conflict (org_id) do update
-   set stripe_customer_id = coalesce(public.billing_accounts.stripe_customer_id, excluded.stripe_customer_id)
+update public.billing_accounts
+   set stripe_customer_id = coalesce(stripe_customer_id, %(customer_id)s)
+ where org_id = %(org_id)s
 returning stripe_customer_id
 """
 
@@ -169,8 +171,9 @@ async def org_by_customer(conn: Connection, customer_id: str) -> uuid.UUID | Non
 
 async def link_customer(conn: Connection, org_id: uuid.UUID, customer_id: str) -> str:
     """Store the organization's Stripe customer unless one is stored already; returns the stored one."""
+    await ensure_account(conn, org_id)
     row = await (await conn.execute(_LINK_CUSTOMER, {"org_id": org_id, "customer_id": customer_id})).fetchone()
-    if row is None:  # insert ... on conflict do update always returns the row
+    if row is None:  # the row was just ensured
         raise RuntimeError("billing account upsert returned nothing")
     return str(row["stripe_customer_id"])
 

@@ -80,11 +80,10 @@ def content_type(file: Path) -> str:
 
 def function_modules() -> list[str]:
     """Every function, as its module name under functions/ (a subfolder has its own dependencies)."""
-    files = FUNCTIONS_DIR.rglob("[!_]*.py")
-    modules = (p.relative_to(FUNCTIONS_DIR).with_suffix("").parts for p in files)
-    # functions/queues/ holds queue subscribers: pyproject.toml declares them, and Vercel invokes
-    # them with messages, not requests (they have no app and no route).
-    return sorted(".".join(parts) for parts in modules if parts[0] != SUBSCRIBERS_DIR)
+    # The files vercel.json's builds make HTTP functions of (queue subscribers are built from pyproject.toml).
+    sources = [b["src"] for b in load_config().get("builds", []) if b["src"].endswith(".py")]
+    files = {p for src in sources for p in ROOT.glob(src)}
+    return sorted(".".join(p.relative_to(FUNCTIONS_DIR).with_suffix("").parts) for p in files)
 
 
 def function_file(module: str) -> Path:

@@ -30,7 +30,17 @@ SUBSCRIBERS = [function.name for function in built_functions() if function.confi
 HTTP_FUNCTIONS = [name for name in BUILT if name not in SUBSCRIBERS]
 SCANNING_FUNCTIONS = {"functions/cron_scans.py", "_py_subscribers/functions-queues-scan__steps"}
 # Repository files that must never be deployed, and the dependencies only the scan worker may ship.
-NOT_DEPLOYED = ("tests/", "bench/", "docs/", "scripts/", "supabase/", "shared/local/", ".local/", "node_modules/", ".vercel/")
+NOT_DEPLOYED = (
+    "tests/",
+    "bench/",
+    "docs/",
+    "scripts/",
+    "supabase/",
+    "shared/local/",
+    ".local/",
+    "node_modules/",
+    ".vercel/",
+)
 EXTRACTION_STACK = ("_vendor/trafilatura/", "_vendor/lxml/", "_vendor/babel/", "_vendor/courlan/")
 ORIGIN = "http://localhost:3000"
 # The widget and the webhook start most often; they ship no extraction stack and no Supabase client.

@@ -504,14 +504,18 @@ class TestMalformedAnswers:
     ) -> None:
         await set_limits(db, org["id"], monthly_budget_microusd=10**15, burst_per_minute=10**6)
         online.raw_bytes = answer
+        # Every example runs in the test's one transaction, where now() never moves: tell this
+        # example's rows from earlier ones by their ids, not by their order.
+        seen_rows = {r["id"] for r in await usage_rows(db, org["id"])}
+        seen_holds = {r["id"] for r in await reservations(db, org["id"])}
 
         try:
             result: ChatResult | None = await ask(tdb, org, agent, max_tokens=50)
         except ModelUnavailable:
             result = None
 
-        [row] = (await usage_rows(db, org["id"]))[-1:]
-        [hold] = (await reservations(db, org["id"]))[-1:]
+        [row] = [r for r in await usage_rows(db, org["id"]) if r["id"] not in seen_rows]
+        [hold] = [r for r in await reservations(db, org["id"]) if r["id"] not in seen_holds]
         if result is None:
             assert (row["outcome"], row["cost_microusd"], row["estimated"], hold["status"]) == (
                 "error",

@@ -202,7 +202,8 @@ def check_cron(path: str) -> Callable[[Deployment], None]:
         if path == "/api/cron/reconcile":  # its report, or why it skipped (no provider admin key here)
             assert "source" in body, run.text
         else:  # the workers answer with what they did, as counts
-            assert body and all(isinstance(count, int) for count in body.values()), run.text
+            assert body, run.text
+            assert all(isinstance(count, int) for count in body.values()), run.text
 
     return check
 

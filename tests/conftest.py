@@ -70,12 +70,19 @@ def pg_server() -> LocalServer:
     return start_server(PG_DATA)
 
 
+@contextmanager
+def cluster_lock() -> Iterator[None]:
+    """One process at a time on the server's shared catalogs: the bootstrap alters roles, which
+    every database shares, and two concurrent bootstraps fail with "tuple concurrently updated"."""
+    with open(PG_DATA.parent / f"{PG_DATA.name}.template.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 @pytest.fixture(scope="session")
 def template_db(pg_server: LocalServer) -> str:
     name = f"hh_tpl_{schema_fingerprint()}"
-    lock_path = PG_DATA.parent / f"{PG_DATA.name}.template.lock"
-    with open(lock_path, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with cluster_lock():
         with psycopg.connect(pg_server.url(), autocommit=True) as conn:
             exists = conn.execute("select 1 from pg_database where datname = %s", (name,)).fetchone()
         if not exists:

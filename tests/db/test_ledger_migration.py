@@ -16,6 +16,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from shared.local.database import BOOTSTRAP, LocalServer, create_database, migration_files
+from tests.conftest import cluster_lock
 
 LEDGER_MIGRATION = "20261204030100_minimize_stripe_event_ledger.sql"
 
@@ -56,7 +57,8 @@ def test_stored_payloads_are_scrubbed_and_their_ids_kept(pg_server: LocalServer)
     try:
         with psycopg.connect(pg_server.url(name), autocommit=True, row_factory=dict_row) as conn:
             data_dir = Path(str(conn.execute("show data_directory").fetchone()["data_directory"]))  # type: ignore[index]
-            conn.execute(BOOTSTRAP.read_text())
+            with cluster_lock():
+                conn.execute(BOOTSTRAP.read_text())
             later = []
             for path in migration_files():
                 if path.name < LEDGER_MIGRATION:

@@ -29,7 +29,7 @@ from shared.local.build_output import (
     output_config,
     serve,
 )
-from shared.local.database import LocalServer, apply_schema, create_database
+from shared.local.database import SEED, LocalServer, create_database
 from tests.factories import closed_port
 from tests.fakes.stripe_api import SECRET_KEY, WEBHOOK_SECRET
 
@@ -58,7 +58,10 @@ def smoke_db(pg_server: LocalServer, template_db: str) -> Iterator[str]:
     """A committed database with the local seed (demo user, organization, agent and widget key)."""
     name = f"hh_smoke_{os.getpid()}"
     create_database(pg_server, name, template=template_db, replace=True)
-    apply_schema(pg_server.url(name), seed=True)
+    # The template already holds the bootstrap and every migration: only the seed is added (a second
+    # bootstrap would alter the cluster's roles while other workers do).
+    with psycopg.connect(pg_server.url(name), autocommit=True) as conn, conn.transaction():
+        conn.execute(SEED.read_text())
     yield name
     with psycopg.connect(pg_server.url(), autocommit=True) as conn:
         conn.execute(f'drop database if exists "{name}" with (force)')

@@ -187,6 +187,16 @@ class _Bound:
         return replace(self, completion_tokens=tokens)
 
 
+def check_chat_arguments(messages: Sequence[ChatMessage], max_tokens: int, model: str) -> None:
+    """What ``chat`` and a streamed chat refuse before anything else; an unknown model is refused even
+    offline, so a misconfigured agent shows locally."""
+    if not messages:
+        raise ValueError("a chat needs at least one message")
+    if not 1 <= max_tokens <= MAX_COMPLETION_TOKENS:
+        raise ValueError(f"max_tokens must be between 1 and {MAX_COMPLETION_TOKENS}")
+    price_of(model)
+
+
 async def chat(
     db: Database,
     *,
@@ -210,11 +220,7 @@ async def chat(
     Raises ``RateLimited``, ``BudgetExhausted``, ``ModelUnavailable`` (``UnknownModel`` for a model
     without a price), ``DependencyUnavailable`` when the database is down.
     """
-    if not messages:
-        raise ValueError("a chat needs at least one message")
-    if not 1 <= max_tokens <= MAX_COMPLETION_TOKENS:
-        raise ValueError(f"max_tokens must be between 1 and {MAX_COMPLETION_TOKENS}")
-    price_of(model)  # an unknown model is refused even offline, so a misconfigured agent shows locally
+    check_chat_arguments(messages, max_tokens, model)
     selection = await keys.select(db, org_id)
     config = selection.config
     knowledge = knowledge or []

@@ -37,7 +37,6 @@ from shared.db.session import Database
 from shared.gateway import keys, offline, provider
 from shared.gateway.schemas import ChatMessage, ToolCall
 from shared.gateway.service import (
-    MAX_COMPLETION_TOKENS,
     MIN_COMPLETION_TOKENS,
     BurstPass,
     _admit,
@@ -50,10 +49,11 @@ from shared.gateway.service import (
     _measured,
     _provider_messages,
     _unanswered,
+    check_chat_arguments,
 )
 from shared.gateway.tools import accepted_tool_calls, tool_names
 from shared.metering import Usage
-from shared.pricing import OFFLINE_MODEL, cost_microusd, price_of, prompt_token_bound
+from shared.pricing import OFFLINE_MODEL, cost_microusd, prompt_token_bound
 from shared.retrieval import RetrievedChunk
 
 StreamEnding = Literal["finished", "failed", "cut_short"]
@@ -254,11 +254,7 @@ async def open_chat_stream(
 ) -> ChatStream:
     """Admit a streamed chat call: the burst limit and the reservation, as ``chat`` does; nothing
     is sent to the model until ``deltas()`` is read. Raises as ``chat`` does before its call."""
-    if not messages:
-        raise ValueError("a chat needs at least one message")
-    if not 1 <= max_tokens <= MAX_COMPLETION_TOKENS:
-        raise ValueError(f"max_tokens must be between 1 and {MAX_COMPLETION_TOKENS}")
-    price_of(model)  # an unknown model is refused even offline, as in ``chat``
+    check_chat_arguments(messages, max_tokens, model)
     selection = await keys.select(db, org_id)
     config = selection.config
     knowledge = knowledge or []

@@ -2,15 +2,16 @@
 answers its first request.
 
 Each HTTP function of ``.vercel/output`` (``scripts/build``) is compared with a bare FastAPI app
-built by the same pinned Vercel CLI (a throwaway project with FastAPI as its only dependency) and
-served the same way: assembled from what it ships, started on the bare runtime interpreter through
-the builder's ``vc__handler__python`` trampoline, port announced over the IPC socket, one request.
+built by the same pinned Vercel CLI with the same build settings (vercel.json's ``build.env``: both
+ship precompiled bytecode), a throwaway project with FastAPI as its only dependency, and served the
+same way: assembled from what it ships, started on the bare runtime interpreter through the
+builder's ``vc__handler__python`` trampoline, port announced over the IPC socket, one request.
 The time runs from starting the process to the first response. Runs alternate (function, bare,
 function, ...) so the machine's noise hits both alike. The first request needs no database or
 network (liveness, a preflight, or a request the validator refuses), so the figure is the
 function's own start-up.
 
-    scripts/build && PYTHONPATH=. .venv/bin/python bench/bench_cold_start.py [--runs 5]
+    scripts/build && PYTHONPATH=. .venv/bin/python bench/bench_cold_start.py [--runs 5] [--only widget health]
 
 Target: median ratio at most 1.3x for every function.
 """
@@ -30,7 +31,15 @@ from pathlib import Path
 
 import httpx
 
-from shared.local.build_output import ROOT, BuiltFunction, Routes, built_functions, output_config, serve
+from shared.local.build_output import (
+    ROOT,
+    BuiltFunction,
+    Routes,
+    build_environment,
+    built_functions,
+    output_config,
+    serve,
+)
 
 # A first request per path that needs no database: (method, path, json body or None).
 FIRST_REQUEST: dict[str, tuple[str, str, object]] = {
@@ -44,6 +53,8 @@ FIRST_REQUEST: dict[str, tuple[str, str, object]] = {
     "/api/cron/scans": ("GET", "/api/cron/scans", None),
     "/api/audit-log/export": ("GET", "/api/audit-log/export", None),
     "/api/invitations": ("POST", "/api/invitations", {}),
+    "/api/cron/reconcile": ("GET", "/api/cron/reconcile", None),
+    "/api/model-key": ("GET", "/api/model-key", None),
 }
 ENV = {"ENVIRONMENT": "local"}
 
@@ -77,7 +88,8 @@ def build_bare(workdir: Path) -> BuiltFunction:
     )
     python_dir = Path(os.path.realpath(getattr(sys, "_base_executable", sys.executable))).parent
     path = f"{ROOT / '.venv' / 'bin'}:{python_dir}:/usr/local/bin:/usr/bin:/bin"
-    env = {**os.environ, "PATH": path, "VERCEL_TELEMETRY_DISABLED": "1"}
+    # Built with the same build settings as ours (vercel.json's build.env: precompiled bytecode).
+    env = {**os.environ, **build_environment(), "PATH": path, "VERCEL_TELEMETRY_DISABLED": "1"}
     build = subprocess.run(  # noqa: S603 - the pinned CLI on a project we just wrote
         [str(ROOT / "node_modules" / ".bin" / "vercel"), "build", "--yes"],
         cwd=workdir,
@@ -105,9 +117,14 @@ def first_response_seconds(function: BuiltFunction, request: tuple[str, str, obj
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--only", nargs="*", default=[], help="function names containing any of these")
     args = parser.parse_args()
     routes = Routes(output_config())
-    functions = [f for f in built_functions() if not f.config.get("experimentalTriggers")]
+    functions = [
+        f
+        for f in built_functions()
+        if not f.config.get("experimentalTriggers") and (not args.only or any(o in f.name for o in args.only))
+    ]
     with tempfile.TemporaryDirectory(prefix="bench-bare-") as workdir:
         bare = build_bare(Path(workdir))
         print(f"{'function':<40} {'first response ms':>18} {'bare ms':>9} {'ratio':>7}")

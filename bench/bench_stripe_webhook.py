@@ -160,7 +160,7 @@ def _pct(values: list[float], q: float) -> float:
 
 
 async def _run(deliveries: list[tuple[str, bytes]], senders: int) -> tuple[float, list[tuple[int, str, float]]]:
-    from functions.external.stripe_webhook import app
+    from functions.webhook.stripe_webhook import app
     from shared.billing.stripe_client import close_stripe_clients
     from shared.db.pool import close_pools
 

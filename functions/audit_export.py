@@ -3,6 +3,8 @@
 Owners and admins only. The file is streamed in keyset pages and ends with a hash trailer;
 ``python -m shared.audit.verify`` checks it (docs/audit.md)."""
 
+from shared.startup import modules_loaded
+
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
@@ -38,3 +40,4 @@ async def export(
 
 app = create_app("audit_export", [router])
 lambda_handler = Mangum(app, lifespan="off")
+modules_loaded()

@@ -2,6 +2,8 @@
 admins. No card data is accepted: like every endpoint, a body carrying any is refused before it is
 parsed."""
 
+from shared.startup import modules_loaded
+
 from fastapi import APIRouter, Request
 from mangum import Mangum
 
@@ -29,3 +31,4 @@ async def portal(body: PortalRequest, request: Request, db: Db, claims: CurrentC
 
 app = create_app("billing", [router])
 lambda_handler = Mangum(app, lifespan="off")
+modules_loaded()

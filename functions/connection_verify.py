@@ -2,6 +2,8 @@
 (re-check now), DELETE /api/connections/{id}. Owners and admins only; responses carry a hint of the
 secret, never the secret."""
 
+from shared.startup import modules_loaded
+
 import uuid
 from typing import Annotated
 
@@ -44,3 +46,4 @@ async def delete(connection_id: uuid.UUID, request: Request, db: Db, claims: Cur
 
 app = create_app("connection_verify", [router])
 lambda_handler = Mangum(app, lifespan="off")
+modules_loaded()

@@ -6,6 +6,8 @@ lost or never sent, and expired leases, with FOR UPDATE SKIP LOCKED, so overlapp
 queue's subscribers cooperate; see shared/connections/delivery.py.
 """
 
+from shared.startup import modules_loaded
+
 from typing import Annotated
 
 from fastapi import APIRouter, Depends
@@ -30,3 +32,4 @@ async def deliveries(
 
 app = create_app("cron_deliveries", [router])
 lambda_handler = Mangum(app, lifespan="off")
+modules_loaded()

@@ -5,6 +5,8 @@ model and stores the results; see shared/reconciliation.py. Without an admin key
 is nothing to compare with, and the run says so.
 """
 
+from shared.startup import modules_loaded
+
 from fastapi import APIRouter, Request
 from mangum import Mangum
 
@@ -28,3 +30,4 @@ async def reconcile_usage(_: CronCaller, request: Request, db: Db) -> dict[str, 
 
 app = create_app("cron_reconcile", [router])
 lambda_handler = Mangum(app, lifespan="off")
+modules_loaded()

@@ -6,6 +6,8 @@ whose worker died, with FOR UPDATE SKIP LOCKED, works within a time budget and h
 back to the queue; see shared/scans/worker.py.
 """
 
+from shared.startup import modules_loaded
+
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
@@ -34,3 +36,4 @@ async def scans(
 
 app = create_app("cron_scans", [router])
 lambda_handler = Mangum(app, lifespan="off")
+modules_loaded()

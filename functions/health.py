@@ -2,6 +2,8 @@
 GET /api/health/metering (the usage reconciliation: ``status`` is ``drift`` or ``stale`` when someone
 should look; always a 200, since the function itself is healthy: monitors alert on the body)."""
 
+from shared.startup import modules_loaded
+
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from mangum import Mangum
@@ -33,3 +35,4 @@ async def metering(db: Db) -> dict[str, object]:
 
 app = create_app("health", [router])
 lambda_handler = Mangum(app, lifespan="off")
+modules_loaded()

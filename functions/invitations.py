@@ -2,6 +2,8 @@
 (the organization's invitations), DELETE /api/invitations/{id} (revoke a pending one). Owners and
 admins only, never above their own role."""
 
+from shared.startup import modules_loaded
+
 import uuid
 
 from fastapi import APIRouter, Request
@@ -34,3 +36,4 @@ async def delete(invitation_id: uuid.UUID, request: Request, db: Db, claims: Cur
 
 app = create_app("invitations", [router])
 lambda_handler = Mangum(app, lifespan="off")
+modules_loaded()

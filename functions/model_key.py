@@ -2,6 +2,8 @@
 (settings and a hint, never the key), PATCH /api/model-key (what happens when the key fails),
 DELETE /api/model-key?org_id=… (back to the platform key). Owners and admins only."""
 
+from shared.startup import modules_loaded
+
 import uuid
 from typing import Annotated
 
@@ -50,3 +52,4 @@ async def delete(org_id: uuid.UUID, request: Request, db: Db, claims: CurrentCla
 
 app = create_app("model_key", [router])
 lambda_handler = Mangum(app, lifespan="off")
+modules_loaded()

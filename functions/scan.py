@@ -1,6 +1,8 @@
 """Site scans: POST /api/scans (owners and admins queue a scan of their site for an agent) and
 GET /api/scans/{id} (members read its progress; the dashboard can also read it through RLS)."""
 
+from shared.startup import modules_loaded
+
 import uuid
 from typing import Annotated
 
@@ -32,3 +34,4 @@ async def read(scan_id: uuid.UUID, db: Db, claims: CurrentClaims) -> ScanOut:
 
 app = create_app("scan", [router])
 lambda_handler = Mangum(app, lifespan="off")
+modules_loaded()

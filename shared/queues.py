@@ -20,11 +20,12 @@ import math
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Final
-
-from vercel.queue import QueueClient, RetryAfter
+from typing import TYPE_CHECKING, Any, Final
 
 from shared.logs import DECISION_REASON, log_event
+
+if TYPE_CHECKING:
+    from vercel.queue import QueueClient
 
 # Topics and the consumer group of the one subscriber function of each (functions/queues/; the build
 # gives each function a queue trigger for the consumer group its @subscribe names).
@@ -34,12 +35,20 @@ SCAN_STEPS_TOPIC: Final = "scan-steps"
 SCAN_STEPS_CONSUMER: Final = "scan-stepper"
 
 
+def platform_client() -> QueueClient:
+    """The SDK's client with the platform's defaults. The SDK is imported here, on the first send:
+    it costs a function about 70 ms to import, and most requests never send a message."""
+    from vercel.queue import QueueClient
+
+    return QueueClient()
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class QueueEnvironment:
     """Where messages go. Production uses ``PRODUCTION`` (the SDK's platform defaults); only code
     (tests, the benchmark, the local stack) builds another one."""
 
-    client: Callable[[], QueueClient] = QueueClient
+    client: Callable[[], QueueClient] = platform_client
     # A message whose row is still pending this long after it was due is the sweeper's (lost message).
     retention_seconds: int = 24 * 3600
 
@@ -92,6 +101,8 @@ def come_back(seconds: float | None) -> None:
     """End a subscriber: ``None`` acknowledges the message; a number asks the queue to deliver it
     again after that many seconds (the SDK's ``RetryAfter``; the queue's delay, never a second one)."""
     if seconds is not None:
+        from vercel.queue import RetryAfter  # a subscriber has imported the SDK already
+
         raise RetryAfter(max(1, whole_seconds(seconds)))
 
 

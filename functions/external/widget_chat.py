@@ -3,6 +3,8 @@
 Anyone on the internet can call these; docs/widget.md lists what each answer means and why.
 """
 
+from shared.startup import modules_loaded
+
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Request, Response
@@ -74,3 +76,4 @@ async def chat(
 # Every answer depends on the Origin it was asked from (CORS), errors included: caches must know.
 app = create_app("widget_chat", [router], headers={"Vary": "Origin"})
 lambda_handler = Mangum(app, lifespan="off")
+modules_loaded()

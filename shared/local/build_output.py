@@ -10,7 +10,9 @@
 it through Vercel's own Python entry (the ``vc__handler__python`` trampoline the builder wrote and the
 vendored ``vercel_runtime``), on the bare interpreter so nothing outside the bundle can be imported,
 and ``Routes`` sends a request to the function the platform would, keeping the path the browser asked
-for. ``python -m shared.local.build_output`` prints every function's unzipped size.
+for. ``python -m shared.local.build_output`` prints every function's unzipped size; ``--stage``
+copies the project to where ``scripts/build`` builds it, ``--build-env`` prints the variables
+vercel.json sets for the build.
 """
 
 from __future__ import annotations
@@ -35,7 +37,9 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
 ROOT = Path(__file__).resolve().parents[2]
-OUTPUT = ROOT / ".vercel" / "output"
+# The build runs in a copy of the project (``stage_sources``), and its output lands there.
+STAGE = ROOT / ".vercel" / "stage"
+OUTPUT = STAGE / ".vercel" / "output"
 ASSEMBLED = ROOT / ".vercel" / "assembled"
 CONFIG_FILE = ".vc-config.json"
 
@@ -64,10 +68,12 @@ class BuiltFunction:
                 files[path.relative_to(self.folder).as_posix()] = path
         return {inside: Path(source) for inside, source in files.items()}
 
-    def size_by_top_level(self) -> Counter[str]:
+    def size_by_top_level(self, *, include_bytecode: bool = True) -> Counter[str]:
         """Unzipped bytes per top-level entry (``_vendor/<package>`` for dependencies)."""
         sizes: Counter[str] = Counter()
         for inside, source in self.shipped_files().items():
+            if not include_bytecode and inside.endswith(".pyc"):
+                continue
             parts = inside.split("/")
             key = "/".join(parts[:2]) if parts[0] == "_vendor" and len(parts) > 1 else parts[0]
             sizes[key] += source.stat().st_size
@@ -81,6 +87,48 @@ class BuiltFunction:
         if match is None:
             raise ValueError(f"{self.name}: no handler module in its trampoline")
         return match.group(1)
+
+
+def stage_sources(stage: Path = STAGE) -> Path:
+    """Copy the project's files (tracked, and new ones not ignored) into ``stage`` for the build.
+
+    The builder precompiles every module into a ``__pycache__`` beside its source, as bytecode that
+    Python never re-checks against the source (``unchecked-hash``). Built in the working tree, an
+    edit made after a build would silently not run; built here, the working tree never holds it.
+    The stage's own ``.vercel`` (the builder's virtualenv, the output) is kept between builds.
+    """
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],  # noqa: S607 - git on the PATH
+        cwd=ROOT,
+        capture_output=True,
+        check=True,
+    ).stdout
+    stage.mkdir(parents=True, exist_ok=True)
+    for entry in stage.iterdir():
+        if entry.name != ".vercel":
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+    for name in filter(None, listed.decode().split("\0")):
+        source = ROOT / name
+        if not source.is_file():  # deleted in the working tree, not yet in git
+            continue
+        destination = stage / name
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, destination)
+    link = ROOT / ".vercel" / "project.json"
+    if link.is_file():  # a real `vercel link` of this checkout
+        (stage / ".vercel").mkdir(exist_ok=True)
+        shutil.copy2(link, stage / ".vercel" / "project.json")
+    return stage
+
+
+def build_environment(vercel_json: Path = ROOT / "vercel.json") -> dict[str, str]:
+    """vercel.json's ``build.env``: what Vercel sets while it builds a deployment of this project.
+
+    ``vercel deploy`` sends it with the deployment, but ``vercel build`` on a machine does not read
+    it, so ``scripts/build`` exports it (``--build-env``) and a local build matches a real one.
+    """
+    env: dict[str, str] = json.loads(vercel_json.read_text()).get("build", {}).get("env", {})
+    return env
 
 
 def built_functions(output: Path = OUTPUT) -> list[BuiltFunction]:
@@ -267,6 +315,13 @@ class Routes:
 
 
 def main() -> None:
+    if sys.argv[1:] == ["--build-env"]:
+        for name, value in build_environment().items():
+            print(f"{name}={value}")
+        return
+    if sys.argv[1:] == ["--stage"]:
+        print(stage_sources())
+        return
     functions = built_functions()
     if not functions:
         sys.exit(f"No build output in {OUTPUT}: run scripts/build.")
@@ -282,6 +337,8 @@ def main() -> None:
         sizes = function.size_by_top_level()
         config = function.config
         settings = ", ".join(f"{k}={config[k]}" for k in ("maxDuration", "memory") if k in config) or "defaults"
+        compiled = sum(1 for inside in function.shipped_files() if inside.endswith(".pyc"))
+        settings += f", {compiled} .pyc"
         largest = ", ".join(f"{name} {size / 1e6:.1f}" for name, size in sizes.most_common(6))
         total = sum(sizes.values()) / 1e6
         print(f"{function.name:<46} {len(function.shipped_files()):>6} {total:>12.1f}  {settings}; {largest}")

@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from psycopg.rows import dict_row
 
-from functions.external.stripe_webhook import app
+from functions.webhook.stripe_webhook import app
 from shared.billing.plans import FREE, PRO, STARTER
 from shared.billing.signature import TOLERANCE_SECONDS
 from shared.billing.stripe_client import close_stripe_clients

@@ -1,5 +1,7 @@
 """POST /api/stripe/webhook: Stripe's events, verified on the raw body, recorded and applied exactly once."""
 
+from shared.startup import modules_loaded
+
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Request
@@ -28,3 +30,4 @@ async def stripe_webhook(
 # only ever match by accident).
 app = create_app("stripe_webhook", [router], max_body_bytes=512 * 1024, scan_for_card_data=False)
 lambda_handler = Mangum(app, lifespan="off")
+modules_loaded()

@@ -13,7 +13,10 @@ Two measurements, each printed with the baseline beside it:
   SDK's HTTP queue dev server with the SDK's polling consumer (on Vercel the platform pushes; the
   work per message is the same). Prints the wall time and the speed-up, the pages stored twice
   (from the database), each host's most requests in flight at once and smallest gap between two
-  requests (from the sites), against the politeness delay.
+  requests (from the sites), against the politeness delay. Also the CPU time per page stored: of the
+  subscribers, of every process of the run (subscribers, sites, queue server, this process with the
+  Redis bridge), and of the whole machine, with the speed-up the machine's cores allow at that cost
+  (the W-subscriber round cannot finish sooner than its CPU time spread over every core).
 
 Loopback only: the embedded PostgreSQL lives in a temporary directory, Redis is the local
 redis-server behind the Upstash REST bridge (as in ``hiredhands dev``). From the repository root:
@@ -414,8 +417,26 @@ async def _scan_outcome(admin_url: str, scans: list[uuid.UUID]) -> dict[str, Any
     }
 
 
+def _cpu_seconds(pids: list[int]) -> float:
+    """User plus system CPU time of processes ``pids`` so far (Linux ``/proc``); a process gone counts 0."""
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def _machine_busy_seconds() -> float:
+    """CPU seconds all cores spent on anything but idling or waiting for I/O, since boot (``/proc/stat``)."""
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (
+        int(n) for n in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]
+    )
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
 def _scan_round(
-    admin_url: str, ports: list[int], args: argparse.Namespace, workers: int, control: Connection
+    admin_url: str, ports: list[int], args: argparse.Namespace, workers: int, control: Connection, sites_pid: int
 ) -> dict[str, Any]:
     control.send("reset")
     control.recv()
@@ -445,6 +466,9 @@ def _scan_round(
             assert process.stdout is not None
             process.stdout.readline()
         agents = asyncio.run(_make_agents(admin_url, len(ports), args.pages))
+        ours = [os.getpid(), sites_pid, devserver.pid]
+        workers_cpu = [process.pid for process in subscribers]
+        cpu_before = (_cpu_seconds(workers_cpu), _cpu_seconds(ours), _machine_busy_seconds())
         # Each scan sends its first step's message; the subscribers take them as they come.
         started = time.monotonic()
         scans = asyncio.run(_queue_scans(agents, ports, args.politeness))
@@ -457,6 +481,12 @@ def _scan_round(
                 raise SystemExit(f"scans unfinished after 30 min: {outcome}")
             time.sleep(0.25)
         seconds = time.monotonic() - started
+        subscribers_cpu = _cpu_seconds(workers_cpu) - cpu_before[0]
+        cpu = {
+            "subscribers": subscribers_cpu,
+            "run": subscribers_cpu + _cpu_seconds(ours) - cpu_before[1],
+            "machine": _machine_busy_seconds() - cpu_before[2],
+        }
     finally:
         for process in subscribers:
             process.terminate()
@@ -465,7 +495,7 @@ def _scan_round(
         devserver.wait(timeout=10)
     control.send("report")
     hosts = control.recv()
-    return {"seconds": seconds, "queued_in": queued, "outcome": outcome, "hosts": hosts}
+    return {"seconds": seconds, "queued_in": queued, "outcome": outcome, "hosts": hosts, "cpu": cpu}
 
 
 def scans(args: argparse.Namespace) -> None:
@@ -477,12 +507,15 @@ def scans(args: argparse.Namespace) -> None:
     sites.start()
     ports = ready_recv.recv()
     times: dict[int, list[float]] = {workers: [] for workers in args.workers}
+    run_cpu: dict[int, list[float]] = {workers: [] for workers in args.workers}
+    cores = os.cpu_count() or 1
     try:
         for round_ in range(args.rounds):
             order = args.workers if round_ % 2 == 0 else list(reversed(args.workers))
             for workers in order:
-                result = _scan_round(admin_url, ports, args, workers, control_here)
+                result = _scan_round(admin_url, ports, args, workers, control_here, sites.pid or 0)
                 times[workers].append(result["seconds"])
+                run_cpu[workers].append(result["cpu"]["run"])
                 hosts = result["hosts"]
                 print(
                     f"round {round_ + 1}, {workers} subscriber(s): {result['seconds']:.1f} s "
@@ -496,6 +529,14 @@ def scans(args: argparse.Namespace) -> None:
                     f"(politeness {args.politeness} s), pages requested twice {twice}",
                     flush=True,
                 )
+                cpu, pages = result["cpu"], max(1, result["outcome"]["pages_stored"])
+                print(
+                    f"   CPU per page stored: subscribers {1000 * cpu['subscribers'] / pages:.1f} ms, "
+                    f"the run's processes {1000 * cpu['run'] / pages:.1f} ms, "
+                    f"the machine {1000 * cpu['machine'] / pages:.1f} ms; "
+                    f"the machine was {100 * cpu['machine'] / (cores * result['seconds']):.0f}% busy ({cores} cores)",
+                    flush=True,
+                )
     finally:
         control_here.send("stop")
         control_here.recv()
@@ -506,7 +547,13 @@ def scans(args: argparse.Namespace) -> None:
     print(
         f"{args.hosts} scans x {args.pages} pages on {args.hosts} hosts: {low} subscriber(s) {median[low]:.1f} s, "
         f"{high} subscribers {median[high]:.1f} s: speed-up {median[low] / median[high]:.2f}x "
-        f"(target >= 3x, {os.cpu_count()} CPU cores)"
+        f"(target >= 3x, {cores} CPU cores)"
+    )
+    # At the W-subscriber round's CPU cost, the round needs at least that CPU time spread over every core.
+    floor = statistics.median(run_cpu[high]) / cores
+    print(
+        f"  the run's processes used {statistics.median(run_cpu[high]):.1f} CPU s with {high} subscribers: "
+        f"on {cores} cores no faster than {floor:.1f} s, a speed-up of at most {median[low] / floor:.1f}x"
     )
 
 

@@ -33,10 +33,13 @@ KEY_PREFIX: Final = "scan-host:"
 # Retry at least this often while another request holds the host (its delay may be shortened).
 MAX_POLL_SECONDS: Final = 0.25
 
-# 0 when taken; otherwise the milliseconds the holder's key has left (-2: just gone, try again).
+# 0 when taken, and only then; otherwise how many milliseconds to wait before asking again. In the
+# key's last millisecond PTTL answers 0 while the key is still there (and -2 once it is gone): both
+# become a 1 ms wait, or the asker would take a turn the key never gave it, and whoever asks a moment
+# later would find the key gone and take the host too.
 _TAKE: Final = """
 if redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 0 end
-return redis.call('pttl', KEYS[1])
+return math.max(redis.call('pttl', KEYS[1]), 1)
 """
 
 # The holder hands the host on after the politeness delay; a key already taken over is left alone.
@@ -81,7 +84,7 @@ class HostTurns:
                 return None
             if left_ms == 0:
                 return token
-            await asyncio.sleep(min(MAX_POLL_SECONDS, max(left_ms, 1) / 1000))
+            await asyncio.sleep(min(MAX_POLL_SECONDS, left_ms / 1000))
 
     async def _hand_on(self, host: str, token: str, delay_seconds: float) -> None:
         assert self.redis is not None  # noqa: S101 - a token exists only when Redis gave it

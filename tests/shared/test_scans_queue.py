@@ -230,9 +230,6 @@ class TestKilledMidStep:
 
 
 class TestPolitenessAcrossInvocations:
-    # Seen twice in full parallel runs on a loaded two-core machine (max in flight 2), never alone;
-    # the cause is not found yet. Kept running and reported (XPASS/XFAIL in the summary), not hidden.
-    @pytest.mark.xfail(reason="intermittent overlap under heavy load: cause under investigation", strict=False)
     async def test_two_scans_of_one_host_never_overlap_their_requests(
         self, db: Connection, env: ScanEnvironment, tenants: list[dict[str, Any]]
     ) -> None:

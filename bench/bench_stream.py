@@ -12,7 +12,8 @@ each server in its own process; blocks alternate so the machine's load hits both
    <= 1.3x at 50.
 2. **The chat path against a same-I/O baseline.** The JSON chat path with an instantly answering
    model, against a bare endpoint (same ``create_app``) that makes the same I/O with the same
-   clients and nothing else: for the agent with knowledge 7 Postgres round trips (the same pool),
+   clients and nothing else: for the agent with knowledge 7 Postgres round trips (the same pool,
+   each a transaction as the server through ``run_as_service``, as every statement of the chat path),
    2 Redis requests (the same Upstash client) and 2 model requests (an embedding and a chat
    completion, through the gateway's own openai SDK client, answers taken as bytes); without
    knowledge 4, 2 and 1. Target: median <= 1.5x at 1 and 50 clients; CPU per request for both.
@@ -69,7 +70,7 @@ def _same_io_app(round_trips: int, model_requests: int) -> Any:
     """An endpoint doing the chat path's I/O and nothing else."""
     from fastapi import APIRouter
 
-    from shared.db.pool import get_pool
+    from shared.db.session import get_database, run_as_service
     from shared.gateway import provider
     from shared.redis import get_redis
     from shared.settings import get_settings
@@ -92,7 +93,7 @@ def _same_io_app(round_trips: int, model_requests: int) -> Any:
 
     @router.post("/same-io")
     async def same_io() -> dict[str, int]:
-        pool = await get_pool()
+        db = get_database()
         redis = get_redis()
         config = provider.config_from(get_settings())
         assert config is not None
@@ -100,9 +101,9 @@ def _same_io_app(round_trips: int, model_requests: int) -> Any:
         await redis.incr("bench:same-io:a")
         await redis.incr("bench:same-io:b")
         for i in range(round_trips):
-            async with pool.connection() as conn:
-                cur = await conn.execute("select %s::int as n", (i,))
-                await cur.fetchone()
+            # As every statement of the chat path goes: its own transaction as the server (the role
+            # and claims set first, then the statement and the commit, in one round trip).
+            await run_as_service(db, "select %(n)s::int as n", {"n": i})
             if i == 0 and model_requests == 2:
                 await client.post("/embeddings", cast_to=bytes, body=embedding_body)
         await client.post("/chat/completions", cast_to=bytes, body=chat_body)

@@ -20,7 +20,7 @@ whatever the caller does next fails.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Literal
 from uuid import UUID
 
@@ -67,6 +67,8 @@ class Usage:
         return self.outcome == "ok" or self.estimated
 
 
+_FIELDS = fields(Usage)
+
 _SETTLE_AND_INSERT = """
 with settled as (select private.settle_reservation(%(reservation_id)s, %(cost_microusd)s))
 insert into public.usage_events
@@ -111,7 +113,9 @@ async def record(db: Database, usage: Usage, *, reservation_id: UUID | None) -> 
     Returns the usage row's id. A call that was refused before it was made has no reservation
     (``reservation_id=None``, outcome ``rejected``).
     """
-    params: dict[str, Any] = {**asdict(usage), "reservation_id": reservation_id}
+    # Every field is a scalar: a shallow copy (``asdict`` deep-copies each value).
+    params: dict[str, Any] = {field.name: getattr(usage, field.name) for field in _FIELDS}
+    params["reservation_id"] = reservation_id
     if reservation_id is None:
         if usage.outcome != "rejected":
             raise ValueError("a call that was made always has a reservation")

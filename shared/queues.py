@@ -56,8 +56,9 @@ class QueueEnvironment:
 PRODUCTION: Final = QueueEnvironment()
 
 
-def get_queue_environment() -> QueueEnvironment:
-    """FastAPI dependency (tests override it in code, never through configuration)."""
+async def get_queue_environment() -> QueueEnvironment:
+    """FastAPI dependency (tests override it in code, never through configuration); async, so it is
+    not handed to a worker thread."""
     return PRODUCTION
 
 

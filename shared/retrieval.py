@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
+from shared.db.adapters import Float4Array
 from shared.db.session import Database, run_as_service
 
 RRF_K = 60
@@ -38,8 +39,8 @@ class RetrievedChunk:
 
 
 # The ranking itself is the SQL function private.search_knowledge (see its migration). The question's
-# embedding travels as a binary float8[] (``VECTOR_PARAMETER``), which pgvector casts to a vector:
-# formatting 1536 floats as text cost about a millisecond a query.
+# embedding travels as a binary real[] (``VECTOR_PARAMETER``, ``Float4Array``), which pgvector casts
+# to a vector: formatting 1536 floats as text cost about a millisecond a query.
 VECTOR_PARAMETER = "%(embedding)b::extensions.vector(1536)"
 _SEARCH = f"""
 select id, url, title, content, score
@@ -62,7 +63,7 @@ async def search_knowledge(
     params: dict[str, Any] = {
         "agent_id": agent_id,
         "query": query,
-        "embedding": query_embedding,
+        "embedding": Float4Array(query_embedding) if query_embedding is not None else None,
         "k": RRF_K,
         "candidates": max(_CANDIDATES_PER_LIST, limit),
         "limit": limit,

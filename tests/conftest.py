@@ -41,6 +41,7 @@ os.environ.update(
 for _name in ("OPENAI_API_KEY", "STRIPE_SECRET_KEY", "SUPABASE_JWKS_URL", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
     os.environ.pop(_name, None)
 
+from shared.db.adapters import register_adapters  # noqa: E402
 from shared.db.pool import close_pools  # noqa: E402
 from shared.local.database import (  # noqa: E402
     LocalServer,
@@ -55,6 +56,7 @@ from shared.redis import make_redis  # noqa: E402
 from shared.settings import get_settings  # noqa: E402
 
 Connection = AsyncConnection[DictRow]
+register_adapters()  # the tests' connections adapt parameters as the pool's do
 
 ROOT = Path(__file__).resolve().parents[1]
 PG_DATA = Path(tempfile.gettempdir()) / f"hiredhands-test-pg-{hashlib.sha256(str(ROOT).encode()).hexdigest()[:8]}"

@@ -13,6 +13,7 @@ import asyncio
 import weakref
 from typing import TYPE_CHECKING
 
+from shared.db.adapters import register_adapters
 from shared.settings import get_settings
 
 if TYPE_CHECKING:
@@ -33,6 +34,7 @@ async def get_pool() -> Pool:
         from psycopg.rows import DictRow, dict_row
         from psycopg_pool import AsyncConnectionPool
 
+        register_adapters()  # before the pool's first connection copies the driver's adapters
         settings = get_settings()
         pool = AsyncConnectionPool(
             settings.database_url.get_secret_value(),

@@ -22,8 +22,15 @@ async def _claims(credentials: Annotated[HTTPAuthorizationCredentials | None, De
     return await verify_access_token(credentials.credentials)
 
 
+async def get_request_database() -> Database:
+    """Where a request's connections come from; tests override it. Async, as every dependency on a
+    request's path: FastAPI hands a plain function to a worker thread, a round trip through the
+    thread pool (and its locks and wake-ups) per request for what is a constant."""
+    return get_database()
+
+
 CurrentClaims = Annotated[Claims, Depends(_claims)]
-Db = Annotated[Database, Depends(get_database)]
+Db = Annotated[Database, Depends(get_request_database)]
 # Where background work is announced (Vercel Queues); tests override it with the SDK's embedded service.
 Queue = Annotated[QueueEnvironment, Depends(get_queue_environment)]
 

@@ -24,7 +24,7 @@ from functions.audit_export import app
 from shared.audit.export import open_export
 from shared.audit.verify import main as verify_main
 from shared.audit.verify import verify
-from shared.db.session import get_database
+from shared.web.deps import get_request_database
 from tests.conftest import TransactionDatabase
 from tests.factories import access_token, add_member, create_org, user_claims
 
@@ -34,7 +34,7 @@ T0 = datetime(2026, 11, 1, tzinfo=UTC)
 
 @pytest.fixture
 async def client(db: Connection) -> AsyncIterator[httpx.AsyncClient]:
-    app.dependency_overrides[get_database] = lambda: TransactionDatabase(db)
+    app.dependency_overrides[get_request_database] = lambda: TransactionDatabase(db)
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
         yield c

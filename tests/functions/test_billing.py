@@ -21,8 +21,9 @@ from psycopg.rows import dict_row
 from functions.billing import app
 from shared.billing import accounts
 from shared.billing.stripe_client import close_stripe_clients
-from shared.db.session import as_service, get_database
+from shared.db.session import as_service
 from shared.settings import get_settings
+from shared.web.deps import get_request_database
 from tests.conftest import Connection, TransactionDatabase, without_generated_ids
 from tests.factories import access_token, add_member, create_org
 from tests.fakes.stripe_api import API_BASE, SECRET_KEY, FakeStripe, fake_stripe, form, stripe_id
@@ -59,7 +60,7 @@ async def client(db: Connection, stripe_api: FakeStripe, log_lines: list[str]) -
         await response.aread()
         bodies.append(response.text)
 
-    app.dependency_overrides[get_database] = lambda: TransactionDatabase(db)
+    app.dependency_overrides[get_request_database] = lambda: TransactionDatabase(db)
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
     async with httpx.AsyncClient(transport=transport, base_url="http://test", event_hooks={"response": [keep]}) as c:
         yield c

@@ -30,10 +30,10 @@ from shared.connections.providers import PRODUCTION, get_provider_environment, v
 from shared.connections.schemas import Credential
 from shared.connections.service import OUTBOUND_CHECKS
 from shared.crypto import get_keyring
-from shared.db.session import get_database
 from shared.egress import EgressPolicy
 from shared.ratelimit import check
 from shared.redis import get_redis
+from shared.web.deps import get_request_database
 from tests.card_data import snowflakes
 from tests.conftest import TransactionDatabase
 from tests.factories import access_token, add_member, closed_port, create_org, user_claims
@@ -95,7 +95,7 @@ async def api(db: Connection, fakes: Fakes, log_lines: list[str]) -> AsyncIterat
         await response.aread()
         bodies.append(response.text)
 
-    app.dependency_overrides[get_database] = lambda: TransactionDatabase(db)
+    app.dependency_overrides[get_request_database] = lambda: TransactionDatabase(db)
     app.dependency_overrides[get_provider_environment] = lambda: fakes.env
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
     async with httpx.AsyncClient(transport=transport, base_url="http://test", event_hooks={"response": [keep]}) as c:

@@ -50,12 +50,12 @@ from schemathesis import GenerationMode
 
 from shared.billing.stripe_client import close_stripe_clients
 from shared.connections.providers import get_provider_environment
-from shared.db.session import get_database
 from shared.egress import EgressPolicy
 from shared.gateway.keys import ModelKeyEnvironment, get_model_key_environment
 from shared.local.routes import function_modules
 from shared.scans import ScanEnvironment, get_scan_environment
 from shared.settings import get_settings
+from shared.web.deps import get_request_database
 from tests.conftest import REDIS_URL, Connection, TransactionDatabase
 from tests.factories import access_token, add_member, create_agent, create_org
 from tests.fakes.providers import Fakes, running_fakes
@@ -225,7 +225,7 @@ async def clients(
     target: Target = request.node.callspec.params["target"]
     opened: dict[str, httpx.AsyncClient] = {}
     for name, app in FUNCTIONS.items():
-        app.dependency_overrides[get_database] = lambda: TransactionDatabase(db)
+        app.dependency_overrides[get_request_database] = lambda: TransactionDatabase(db)
         app.dependency_overrides[get_provider_environment] = lambda: providers.env
         app.dependency_overrides[get_scan_environment] = lambda: ScanEnvironment(
             resolver=providers.resolver, politeness_seconds=0, concurrency=1

@@ -18,8 +18,8 @@ from psycopg import AsyncConnection
 from psycopg.rows import DictRow
 
 from functions.invitations import app
-from shared.db.session import get_database
 from shared.settings import get_settings
+from shared.web.deps import get_request_database
 from tests.conftest import TransactionDatabase
 from tests.factories import access_token, add_member, create_org, create_user, user_claims
 from tests.fakes.supabase_auth import ANON_KEY, SERVICE_ROLE_KEY, FakeAuth, running_fake_auth
@@ -51,7 +51,7 @@ async def client(db: Connection, log_lines: list[str]) -> AsyncIterator[httpx.As
         await response.aread()
         bodies.append(response.text + "\n" + "\n".join(f"{k}: {v}" for k, v in response.headers.items()))
 
-    app.dependency_overrides[get_database] = lambda: TransactionDatabase(db)
+    app.dependency_overrides[get_request_database] = lambda: TransactionDatabase(db)
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
     async with httpx.AsyncClient(transport=transport, base_url="http://test", event_hooks={"response": [keep]}) as c:
         yield c

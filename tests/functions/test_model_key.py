@@ -21,13 +21,13 @@ from psycopg import AsyncConnection
 from psycopg.rows import DictRow
 
 from functions.model_key import app
-from shared.db.session import get_database
 from shared.egress import EgressPolicy
 from shared.errors import BudgetExhausted, ModelUnavailable
 from shared.gateway import ChatMessage, chat, close_clients, embed
 from shared.gateway.keys import ModelKeyBroken, ModelKeyEnvironment, get_model_key_environment, model_key_environment
 from shared.redis import close_redis
 from shared.settings import get_settings
+from shared.web.deps import get_request_database
 from tests.conftest import TransactionDatabase, forget_keys
 from tests.factories import access_token, add_member, create_org
 from tests.fakes.openai_server import FakeOpenAI, running_fake_openai
@@ -86,7 +86,7 @@ async def client(
         await response.aread()
         bodies.append(response.text + "\n".join(f"{k}: {v}" for k, v in response.headers.items()))
 
-    app.dependency_overrides[get_database] = lambda: TransactionDatabase(db)
+    app.dependency_overrides[get_request_database] = lambda: TransactionDatabase(db)
     app.dependency_overrides[get_model_key_environment] = lambda: environment
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
     async with httpx.AsyncClient(transport=transport, base_url="http://test", event_hooks={"response": [keep]}) as c:

@@ -17,10 +17,10 @@ from fastapi import FastAPI
 
 from functions.cron_scans import app as cron_app
 from functions.scan import app
-from shared.db.session import get_database
 from shared.egress import CUSTOMER_MESSAGES, EgressReason
 from shared.scans import ScanEnvironment, get_scan_environment
 from shared.settings import get_settings
+from shared.web.deps import get_request_database
 from tests.conftest import ROOT, Connection, TransactionDatabase
 from tests.factories import access_token, add_member, create_agent, create_org
 from tests.fakes.site import STORED_PATHS, FakeSite, running_acme_site
@@ -43,7 +43,7 @@ def env(site: FakeSite) -> ScanEnvironment:
 
 
 async def _client(target: FastAPI, db: Connection, env: ScanEnvironment) -> AsyncIterator[httpx.AsyncClient]:
-    target.dependency_overrides[get_database] = lambda: TransactionDatabase(db)
+    target.dependency_overrides[get_request_database] = lambda: TransactionDatabase(db)
     target.dependency_overrides[get_scan_environment] = lambda: env
     transport = httpx.ASGITransport(app=target, raise_app_exceptions=False)
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:

@@ -25,8 +25,8 @@ from functions.webhook.stripe_webhook import app
 from shared.billing.plans import FREE, PRO, STARTER
 from shared.billing.signature import TOLERANCE_SECONDS
 from shared.billing.stripe_client import close_stripe_clients
-from shared.db.session import get_database
 from shared.settings import get_settings
+from shared.web.deps import get_request_database
 from tests.conftest import Connection, TransactionDatabase
 from tests.factories import create_org
 from tests.fakes.stripe_api import (
@@ -68,7 +68,7 @@ def stripe_api(stripe_env: pytest.MonkeyPatch) -> Iterator[FakeStripe]:
 
 @pytest.fixture
 async def client(db: Connection, stripe_api: FakeStripe, log_lines: list[str]) -> AsyncIterator[httpx.AsyncClient]:
-    app.dependency_overrides[get_database] = lambda: TransactionDatabase(db)
+    app.dependency_overrides[get_request_database] = lambda: TransactionDatabase(db)
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
         yield c

@@ -31,12 +31,13 @@ from psycopg.rows import dict_row
 
 from shared.db.errors import map_db_errors
 from shared.db.pool import close_pools
-from shared.db.session import as_user, get_database
+from shared.db.session import as_user
 from shared.gateway import CAPTURE_LEAD, ESCALATE, close_clients
 from shared.gateway.schemas import MAX_REPLY_CHARS
 from shared.gateway.service import CLIPPED_NOTE
 from shared.redis import close_redis, get_redis
 from shared.settings import get_settings
+from shared.web.deps import get_request_database
 from shared.widget import queries, visitor_tokens
 from shared.widget.schemas import MAX_CONVERSATION_MESSAGES, MAX_MESSAGE_CHARS
 from shared.widget.service import MODEL_FAILURE_REPLY
@@ -104,7 +105,7 @@ async def app() -> FastAPI:
 
 @pytest.fixture
 async def client(app: FastAPI, db: Connection, configure: Configure) -> AsyncIterator[httpx.AsyncClient]:
-    app.dependency_overrides[get_database] = lambda: TransactionDatabase(db)
+    app.dependency_overrides[get_request_database] = lambda: TransactionDatabase(db)
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
     try:
         async with httpx.AsyncClient(transport=transport, base_url="https://api.hiredhands.test") as http:
@@ -1448,7 +1449,7 @@ class TestDatabaseUnreachable:
     async def test_is_a_503_problem_with_retry_after_and_no_internals(
         self, app: FastAPI, client: httpx.AsyncClient
     ) -> None:
-        app.dependency_overrides[get_database] = UnreachableDatabase
+        app.dependency_overrides[get_request_database] = UnreachableDatabase
 
         for response in (await send(client, new_key()), await client.get(f"/api/widget/{new_key()}/config")):
             assert response.status_code == 503

@@ -23,8 +23,8 @@ import pytest
 import uvicorn
 from fastapi import FastAPI
 
-from shared.db.session import get_database
 from shared.gateway import CAPTURE_LEAD, ESCALATE
+from shared.web.deps import get_request_database
 from shared.widget.service import HANDED_OVER_REPLY, MODEL_FAILURE_REPLY
 from shared.widget.streaming import wants_event_stream
 from tests.conftest import Connection, TransactionDatabase
@@ -75,7 +75,7 @@ class Stream:
 @pytest.fixture
 async def served(app: FastAPI, db: Connection, configure: Any) -> AsyncIterator[str]:
     """The function under uvicorn on a loopback port, in this test's event loop and transaction."""
-    app.dependency_overrides[get_database] = lambda: TransactionDatabase(db)
+    app.dependency_overrides[get_request_database] = lambda: TransactionDatabase(db)
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     listener.bind(("127.0.0.1", 0))
     port = listener.getsockname()[1]

@@ -18,10 +18,10 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from shared.db.session import get_database
 from shared.pricing import cost_microusd
 from shared.reconciliation import platform_source, reconcile
 from shared.settings import get_settings
+from shared.web.deps import get_request_database
 from tests.conftest import Connection, TransactionDatabase
 from tests.factories import create_org
 from tests.fakes.openai_server import FakeOpenAI, running_fake_openai
@@ -296,7 +296,7 @@ class TestHealthAndCron:
             importlib.import_module("functions.cron_reconcile").app,
         ]
         for app in apps:
-            app.dependency_overrides[get_database] = lambda: TransactionDatabase(db)
+            app.dependency_overrides[get_request_database] = lambda: TransactionDatabase(db)
         try:
             async with (
                 httpx.AsyncClient(transport=httpx.ASGITransport(app=apps[0]), base_url="https://x.test") as health,

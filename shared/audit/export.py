@@ -63,38 +63,33 @@ select m.role, clock_timestamp() as now
 
 _UTC = "select set_config('timezone', 'UTC', true)"
 
-# One page, rendered by the database as newline-terminated lines, plus the key to resume after.
+# One page: each row rendered by the database as one line (UTF-8 bytes, whatever the connection's
+# encoding), in (created_at, id) order, with the key to resume after. One line per result row rather
+# than one aggregated block per page: building and sending a block of megabytes costs the database
+# more (fresh memory for every page) than the client spends joining the lines (measured).
 _PAGE = """
-with page as (
-  select a.id, a.created_at, {line} as line
-    from public.audit_log as a
-   where a.org_id = %(org_id)s
-     and (a.created_at, a.id) > (%(after_at)s, %(after_id)s)
-     and a.created_at < %(end)s
-   order by a.created_at, a.id
-   limit %(limit)s
-)
-select (select count(*) from page) as rows,
-       convert_to(coalesce((select string_agg(p.line || E'\\n', '' order by p.created_at, p.id) from page as p), ''),
-                  'UTF8') as body,
-       last.created_at as last_created_at,
-       last.id as last_id
-  from (select p.created_at, p.id from page as p order by p.created_at desc, p.id desc limit 1) as last
-  right join (select) as one on true
+select convert_to({line}, 'UTF8') as line, a.created_at, a.id
+  from public.audit_log as a
+ where a.org_id = %(org_id)s
+   and (a.created_at, a.id) > (%(after_at)s, %(after_id)s)
+   and a.created_at < %(end)s
+ order by a.created_at, a.id
+ limit %(limit)s
 """
 
-# Built as text rather than with jsonb_build_object (measured: twice as fast), keys in column order;
-# to_json escapes every text value.
+# Built as text rather than with jsonb_build_object (measured: twice as fast), keys in column order.
+# json_scalar escapes every text value like to_json, byte for byte, but looks up how to render each
+# column once per query instead of once per value (measured: a quarter faster per line).
 _NDJSON_LINE = """concat(
     '{"record":"event","id":', a.id,
-    ',"created_at":', to_json(a.created_at),
-    ',"actor":', to_json(a.actor),
-    ',"actor_user_id":', coalesce(to_json(a.actor_user_id)::text, 'null'),
-    ',"action":', to_json(a.action),
-    ',"target_type":', coalesce(to_json(a.target_type)::text, 'null'),
-    ',"target_id":', coalesce(to_json(a.target_id)::text, 'null'),
+    ',"created_at":', json_scalar(a.created_at),
+    ',"actor":', json_scalar(a.actor),
+    ',"actor_user_id":', coalesce(json_scalar(a.actor_user_id)::text, 'null'),
+    ',"action":', json_scalar(a.action),
+    ',"target_type":', coalesce(json_scalar(a.target_type)::text, 'null'),
+    ',"target_id":', coalesce(json_scalar(a.target_id)::text, 'null'),
     ',"details":', a.details,
-    ',"request_id":', coalesce(to_json(a.request_id)::text, 'null'),
+    ',"request_id":', coalesce(json_scalar(a.request_id)::text, 'null'),
     '}')"""
 
 # RFC 4180: every text field quoted (quotes doubled), NULL as an empty unquoted field. Quoting every
@@ -224,32 +219,30 @@ async def _stream(
     hasher = hashlib.sha256()
     rows = 0
     finished = False
+    params = {"org_id": org_id, "end": end, "limit": page_rows}
+    # The next page is read while this one is hashed and sent, so the database and this process
+    # work at the same time: at most two pages in memory, each read in its own transaction.
+    pending: asyncio.Task[tuple[int, bytes, dict[str, Any]]] | None = asyncio.create_task(
+        _read_page(db, claims, fmt, {**params, "after_at": start, "after_id": 0})
+    )
     try:
         head = header_lines(fmt, export_id=export_id, org_id=org_id, start=start, end=end)
         hasher.update(head)
         yield head
-        after_at, after_id = start, 0
-        params = {"org_id": org_id, "end": end, "limit": page_rows}
-        while True:
-            async with as_user(db, claims) as conn:
-                await conn.execute(_UTC)
-                cursor = await conn.execute(
-                    _PAGE_SQL[fmt], {**params, "after_at": after_at, "after_id": after_id}, binary=True
-                )
-                page = await cursor.fetchone()
-            count = int(page["rows"]) if page else 0
-            if page is None or count == 0:
+        while pending is not None:
+            count, chunk, after = await pending
+            pending = None
+            if count == page_rows:
+                pending = asyncio.create_task(_read_page(db, claims, fmt, {**params, **after}))
+            if count == 0:
                 break
-            chunk = bytes(page["body"])
             hasher.update(chunk)
             yield chunk
             rows += count
-            if count < page_rows:
-                break
-            after_at, after_id = page["last_created_at"], page["last_id"]
-            checkpoint = seal_line(fmt, "checkpoint", rows=rows, sha256=hasher.hexdigest())
-            hasher.update(checkpoint)
-            yield checkpoint
+            if pending is not None:
+                checkpoint = seal_line(fmt, "checkpoint", rows=rows, sha256=hasher.hexdigest())
+                hasher.update(checkpoint)
+                yield checkpoint
         digest = hasher.hexdigest()
         # The anchor is committed before the trailer goes out: a file with a trailer has its event.
         async with as_service(db) as conn:
@@ -267,6 +260,12 @@ async def _stream(
         finished = True
         yield seal_line(fmt, "trailer", rows=rows, sha256=digest)
     finally:
+        if pending is not None:
+            # The caller went away between pages: stop the read ahead and let it give back its connection.
+            pending.cancel()
+            await asyncio.wait([pending])
+            if not pending.cancelled():
+                pending.exception()  # retrieved and dropped: the file is cut short either way
         if not finished:
             # The caller went away or a page failed: the file has no trailer and reads as truncated.
             log_event(
@@ -276,6 +275,25 @@ async def _stream(
                 rows=rows,
             )
             await asyncio.shield(_record_incomplete(db, claims, org_id, export_id, details, rows, request_id))
+
+
+async def _read_page(
+    db: Database, claims: Claims, fmt: ExportFormat, params: dict[str, Any]
+) -> tuple[int, bytes, dict[str, Any]]:
+    """One page in its own transaction as the user: (rows, the lines, the key to resume after)."""
+    async with as_user(db, claims) as conn:
+        await conn.execute(_UTC)
+        cursor = await conn.execute(_PAGE_SQL[fmt], params, binary=True)
+    # Complete since the commit. The lines are taken as the bytes sent, without making a row object
+    # of each; only the last row is loaded, for its key.
+    result = cursor.pgresult
+    count = result.ntuples if result is not None else 0
+    if result is None or count == 0:
+        return 0, b"", {}
+    lines = [result.get_value(row, 0) or b"" for row in range(count)]  # never NULL: concat skips NULLs
+    await cursor.scroll(count - 1, mode="absolute")
+    [last] = await cursor.fetchall()
+    return count, b"\n".join(lines) + b"\n", {"after_at": last["created_at"], "after_id": last["id"]}
 
 
 async def _record_incomplete(

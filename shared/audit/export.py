@@ -26,7 +26,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 from shared.audit.log import record
 from shared.auth import Claims
@@ -34,6 +34,9 @@ from shared.db.session import Database, as_service, as_user
 from shared.errors import Forbidden, NotFound, Unprocessable
 from shared.logs import DECISION_REASON, ORG_ID, REQUEST_ID, log_event
 from shared.ratelimit import RateLimitRule, enforce
+
+if TYPE_CHECKING:
+    from psycopg.pq.abc import PGresult
 
 FORMAT_VERSION: Final = "hiredhands-audit-export/v1"
 PAGE_ROWS: Final = 5000
@@ -220,9 +223,9 @@ async def _stream(
     rows = 0
     finished = False
     params = {"org_id": org_id, "end": end, "limit": page_rows}
-    # The next page is read while this one is hashed and sent, so the database and this process
-    # work at the same time: at most two pages in memory, each read in its own transaction.
-    pending: asyncio.Task[tuple[int, bytes, dict[str, Any]]] | None = asyncio.create_task(
+    # The next page is read while this one is joined, hashed and sent, so the database and this
+    # process work at the same time: at most two pages in memory, each read in its own transaction.
+    pending: asyncio.Task[_Page] | None = asyncio.create_task(
         _read_page(db, claims, fmt, {**params, "after_at": start, "after_id": 0})
     )
     try:
@@ -230,15 +233,16 @@ async def _stream(
         hasher.update(head)
         yield head
         while pending is not None:
-            count, chunk, after = await pending
+            page = await pending
             pending = None
-            if count == page_rows:
-                pending = asyncio.create_task(_read_page(db, claims, fmt, {**params, **after}))
-            if count == 0:
+            if page.rows == page_rows:
+                pending = asyncio.create_task(_read_page(db, claims, fmt, {**params, **page.after}))
+            if page.rows == 0:
                 break
+            chunk = page.body()
             hasher.update(chunk)
+            rows += page.rows  # counted when handed out, so a reader that stops here is reported with them
             yield chunk
-            rows += count
             if pending is not None:
                 checkpoint = seal_line(fmt, "checkpoint", rows=rows, sha256=hasher.hexdigest())
                 hasher.update(checkpoint)
@@ -277,23 +281,31 @@ async def _stream(
             await asyncio.shield(_record_incomplete(db, claims, org_id, export_id, details, rows, request_id))
 
 
-async def _read_page(
-    db: Database, claims: Claims, fmt: ExportFormat, params: dict[str, Any]
-) -> tuple[int, bytes, dict[str, Any]]:
-    """One page in its own transaction as the user: (rows, the lines, the key to resume after)."""
+@dataclass(frozen=True)
+class _Page:
+    rows: int
+    after: dict[str, Any]  # the key to resume after: the last row's created_at and id
+    result: PGresult | None
+
+    def body(self) -> bytes:
+        """The lines as the database sent them, without making a row object of each."""
+        if self.result is None:
+            return b""
+        lines = [self.result.get_value(row, 0) or b"" for row in range(self.rows)]  # never NULL: concat skips NULLs
+        return b"\n".join(lines) + b"\n"
+
+
+async def _read_page(db: Database, claims: Claims, fmt: ExportFormat, params: dict[str, Any]) -> _Page:
+    """One page in its own transaction as the user. Only the last row is loaded, for its key."""
     async with as_user(db, claims) as conn:
         await conn.execute(_UTC)
         cursor = await conn.execute(_PAGE_SQL[fmt], params, binary=True)
-    # Complete since the commit. The lines are taken as the bytes sent, without making a row object
-    # of each; only the last row is loaded, for its key.
-    result = cursor.pgresult
-    count = result.ntuples if result is not None else 0
-    if result is None or count == 0:
-        return 0, b"", {}
-    lines = [result.get_value(row, 0) or b"" for row in range(count)]  # never NULL: concat skips NULLs
-    await cursor.scroll(count - 1, mode="absolute")
+    result = cursor.pgresult  # complete since the commit
+    if result is None or result.ntuples == 0:
+        return _Page(0, {}, None)
+    await cursor.scroll(result.ntuples - 1, mode="absolute")
     [last] = await cursor.fetchall()
-    return count, b"\n".join(lines) + b"\n", {"after_at": last["created_at"], "after_id": last["id"]}
+    return _Page(result.ntuples, {"after_at": last["created_at"], "after_id": last["id"]}, result)
 
 
 async def _record_incomplete(

@@ -4,7 +4,8 @@
   read *as the user*, so row-level security is the wall for the export too.
 - Keyset pages of ``PAGE_ROWS`` rows in ``(created_at, id)`` order, each its own short
   transaction: no connection is held between pages and memory does not grow with the log. The
-  database renders each page as one block of lines, so no row becomes a Python object.
+  database renders each row as its line and the lines are joined as received, so no row becomes a
+  Python object. The next page is read while the current one is sent: at most two in memory.
 - Integrity: the file is hashed as it is written (SHA-256 over every byte, header included).
   After each full page a checkpoint line carries the hash of everything before it, and the last
   line, the trailer, carries the row count and the hash of everything before it. A changed byte

@@ -158,6 +158,81 @@ class TestExport:
         assert [line["rows"] for line in lines if line["record"] == "checkpoint"] == [6, 12, 18]
         assert verify(io.BytesIO(content)).ok
 
+    @pytest.mark.parametrize("fmt", ["ndjson", "csv"])
+    async def test_every_control_byte_quote_newline_and_unicode_round_trips_exactly(
+        self, db: Connection, org: dict[str, Any], fmt: str
+    ) -> None:
+        # Every byte from 0x01 to 0x1f and 0x7f, the CSV and JSON specials, and text beyond the BMP,
+        # in every text column and in details; three such rows over pages of two, so one starts a page.
+        hostile = "".join(map(chr, range(1, 32))) + '\x7f"\\,;\r\n\r"" #x é 中文 🦀 \u2028\u2029\ufeff e\u0301 \u202e'
+        at = T0 + timedelta(days=2)
+        for i in range(3):
+            await db.execute("reset role")
+            await db.execute(
+                "insert into public.audit_log (org_id, actor, action, target_type, target_id, details, request_id,"
+                " created_at) values (%s, %s, %s, %s, %s, %s, %s, %s)",
+                (
+                    org["id"],
+                    hostile,
+                    f"test.hostile_{i}{hostile}",
+                    hostile,
+                    hostile,
+                    Jsonb({hostile: [hostile, i]}),
+                    hostile,
+                    at,
+                ),
+            )
+        export = await open_export(
+            TransactionDatabase(db),
+            user_claims(org["owner"]),
+            org_id=org["id"],
+            start=at,
+            end=at + timedelta(seconds=1),
+            fmt=fmt,  # type: ignore[arg-type]
+            request_id=None,
+            page_rows=2,
+        )
+        content = b"".join([chunk async for chunk in export.body])
+        result = verify(io.BytesIO(content))
+        assert result.ok, result.message
+        assert result.rows == 3
+        if fmt == "ndjson":
+            events = [json.loads(line) for line in content.splitlines() if line.startswith(b'{"record":"event"')]
+        else:
+            # Seal lines start with '#' outside any quoted field; the hostile text never puts '#' after a newline.
+            body = "".join(line for line in io.StringIO(content.decode(), newline="") if not line.startswith("#"))
+            events = list(csv.DictReader(io.StringIO(body, newline="")))
+            for event in events:
+                event["details"] = json.loads(event["details"])
+        assert [e["action"] for e in events] == [f"test.hostile_{i}{hostile}" for i in range(3)]
+        for i, event in enumerate(events):
+            for column in ("actor", "target_type", "target_id", "request_id"):
+                assert event[column] == hostile, column
+            assert event["details"] == {hostile: [hostile, i]}
+
+    async def test_a_reader_that_stops_early_leaves_an_incomplete_event_and_a_usable_connection(
+        self, db: Connection, org: dict[str, Any]
+    ) -> None:
+        export = await open_export(
+            TransactionDatabase(db),
+            user_claims(org["owner"]),
+            org_id=org["id"],
+            start=T0,
+            end=T0 + timedelta(days=1),
+            fmt="ndjson",
+            request_id=None,
+            page_rows=3,
+        )
+        body = export.body
+        header = await anext(body)
+        first_page = await anext(body)  # the next page is being read ahead meanwhile
+        assert header.startswith(b'{"record":"header"')
+        assert first_page.count(b"\n") == 3
+        await body.aclose()  # type: ignore[attr-defined]
+        [incomplete] = await audit_rows(db, org["id"], "audit_log.export_incomplete")
+        assert incomplete["details"]["rows_sent"] == 3
+        assert await audit_rows(db, org["id"], "audit_log.exported") == []
+
     async def test_to_defaults_to_the_database_clock_now(self, client: httpx.AsyncClient, org: dict[str, Any]) -> None:
         params = _params(org)
         del params["to"]

@@ -114,9 +114,9 @@ def stage_sources(stage: Path = STAGE) -> Path:
         destination = stage / name
         destination.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(source, destination)
+    (stage / ".vercel").mkdir(exist_ok=True)
     link = ROOT / ".vercel" / "project.json"
     if link.is_file():  # a real `vercel link` of this checkout
-        (stage / ".vercel").mkdir(exist_ok=True)
         shutil.copy2(link, stage / ".vercel" / "project.json")
     return stage
 

@@ -149,7 +149,20 @@ def visitor_address_key(address: str) -> str:
     return hashlib.sha256(address.encode()).hexdigest()[:32]
 
 
-async def chat(
+@dataclass(frozen=True, slots=True)
+class AdmittedTurn:
+    """A turn that passed everything that may refuse it before the model: the widget, the origin, the
+    rate limits and the conversation. The JSON and the streamed turn both start here."""
+
+    context: queries.ChatContext
+    origin: str | None
+    conversation_id: UUID
+    visitor_id: str
+    burst_pass: gateway.BurstPass | None
+    received_at: datetime
+
+
+async def admit_turn(
     db: Database,
     *,
     key: str,
@@ -158,11 +171,9 @@ async def chat(
     request: ChatRequest,
     client_address: str,
     request_id: str,
-    queue: QueueEnvironment = QUEUE,
-) -> Served[ChatReply]:
+) -> AdmittedTurn:
     received_at = datetime.now(UTC)
     claims = visitor_tokens.verify(token) if token else None
-
     context = await queries.chat_context(
         db,
         key_hash=hash_key(key),
@@ -177,16 +188,42 @@ async def chat(
     # Limits first: a request with a bad token still counts, so guessing costs allowance too.
     burst_pass = await _enforce_rate_limits(db, context, visitor_address_key(client_address), request_id)
     conversation_id, visitor_id = _conversation(context, claims, token, request)
-    reply, status, items, result = await _answer(db, context, conversation_id, request.message, request_id, burst_pass)
+    return AdmittedTurn(context, decision.origin, conversation_id, visitor_id, burst_pass, received_at)
+
+
+async def chat(
+    db: Database,
+    *,
+    key: str,
+    origin: str | None,
+    token: str | None,
+    request: ChatRequest,
+    client_address: str,
+    request_id: str,
+    queue: QueueEnvironment = QUEUE,
+) -> Served[ChatReply]:
+    turn = await admit_turn(
+        db,
+        key=key,
+        origin=origin,
+        token=token,
+        request=request,
+        client_address=client_address,
+        request_id=request_id,
+    )
+    context, conversation_id, visitor_id = turn.context, turn.conversation_id, turn.visitor_id
+    reply, status, items, result = await _answer(
+        db, context, conversation_id, request.message, request_id, turn.burst_pass
+    )
     stored = await queries.store_turn(
         db,
         conversation_id=conversation_id,
         org_id=context.org_id,
         agent_id=context.agent_id,
         visitor_id=visitor_id,
-        origin=decision.origin,
+        origin=turn.origin,
         messages=[
-            queries.NewMessage("visitor", request.message, received_at),
+            queries.NewMessage("visitor", request.message, turn.received_at),
             queries.NewMessage(
                 "agent" if status == "answered" else "system",
                 reply,
@@ -312,7 +349,7 @@ async def _answer(
     """The reply, the conversation's new status, the review items to store with it, and the model
     call that wrote the reply (None when no model answered)."""
     try:
-        knowledge = await _knowledge(db, context, message, request_id, burst_pass)
+        knowledge = await retrieve_knowledge(db, context, message, request_id, burst_pass)
         result = await gateway.chat(
             db,
             org_id=context.org_id,
@@ -363,7 +400,7 @@ def own_reply(items: list[reviews.NewReviewItem]) -> str:
     return LEAD_NOTED_REPLY if items else EMPTY_REPLY
 
 
-async def _knowledge(
+async def retrieve_knowledge(
     db: Database,
     context: queries.ChatContext,
     question: str,

@@ -37,12 +37,10 @@ from shared.gateway import WIDGET_TOOLS, ChatStream, StreamedChat
 from shared.logs import DECISION_REASON, ORG_ID, REQUEST_ID, log_event
 from shared.queues import PRODUCTION as QUEUE
 from shared.queues import QueueEnvironment
-from shared.web.headers import add_answer_headers
 from shared.web.sse import event
-from shared.widget import cors, queries, service, visitor_tokens
-from shared.widget.errors import AgentUnavailable, ConversationNotFound, WidgetNotFound
-from shared.widget.keys import hash_key
-from shared.widget.schemas import HISTORY_MESSAGES, ChatRequest
+from shared.widget import queries, service, visitor_tokens
+from shared.widget.errors import AgentUnavailable, ConversationNotFound
+from shared.widget.schemas import ChatRequest
 
 EVENT_STREAM = "text/event-stream"
 STORE_FAILED_REPLY = "Sorry, something went wrong on our side and your message was not saved. Please send it again."
@@ -236,32 +234,27 @@ async def open_chat_stream(
 ) -> service.Served[StreamedTurn]:
     """Admit a streamed turn: everything that may refuse it, as ``service.chat`` does and with the same
     answers, up to the model call's reservation. The model is called when the events are read."""
-    received_at = datetime.now(UTC)
-    claims = visitor_tokens.verify(token) if token else None
-    context = await queries.chat_context(
+    admitted = await service.admit_turn(
         db,
-        key_hash=hash_key(key),
-        conversation_id=claims.conversation_id if claims else None,
-        visitor_id=claims.visitor_id if claims else None,
-        history_limit=HISTORY_MESSAGES,
+        key=key,
+        origin=origin,
+        token=token,
+        request=request,
+        client_address=client_address,
+        request_id=request_id,
     )
-    if context is None:
-        raise WidgetNotFound()
-    decision = cors.decide(origin, context.allowed_origins)
-    add_answer_headers(decision.headers())
-    burst_pass = await service._enforce_rate_limits(
-        db, context, service.visitor_address_key(client_address), request_id
+    context = admitted.context
+    stream = await _open_model_stream(
+        db, context, admitted.conversation_id, request.message, request_id, admitted.burst_pass
     )
-    conversation_id, visitor_id = service._conversation(context, claims, token, request)
-    stream = await _open_model_stream(db, context, conversation_id, request.message, request_id, burst_pass)
     turn = StreamedTurn(
         db,
         context,
-        origin=decision.origin,
-        conversation_id=conversation_id,
-        visitor_id=visitor_id,
+        origin=admitted.origin,
+        conversation_id=admitted.conversation_id,
+        visitor_id=admitted.visitor_id,
         message=request.message,
-        received_at=received_at,
+        received_at=admitted.received_at,
         request_id=request_id,
         stream=stream,
         queue=queue,
@@ -280,7 +273,7 @@ async def _open_model_stream(
     """The admitted model call; ``None`` when the model cannot be used at all (the turn then goes to
     the team, as on the JSON path). Budget and burst refusals are ``AgentUnavailable``, as there."""
     try:
-        knowledge = await service._knowledge(db, context, message, request_id, burst_pass)
+        knowledge = await service.retrieve_knowledge(db, context, message, request_id, burst_pass)
         return await gateway.open_chat_stream(
             db,
             org_id=context.org_id,

@@ -8,6 +8,7 @@ transaction per test. Tests that need real commits or racing connections use ``c
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import fcntl
 import hashlib
@@ -17,9 +18,12 @@ import re
 import secrets
 import tempfile
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psycopg
@@ -135,15 +139,43 @@ async def db(admin_url: str) -> AsyncIterator[Connection]:
         await conn.close()
 
 
+@dataclass
+class _Turn:
+    """Who is using a test connection: tasks of the code under test take turns, like pool checkouts."""
+
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    owner: asyncio.Task[Any] | None = None
+    depth: int = 0
+
+
+_turns: weakref.WeakKeyDictionary[Connection, _Turn] = weakref.WeakKeyDictionary()
+
+
 class TransactionDatabase:
-    """The app's Database, pinned to the test's transaction: code under test opens savepoints."""
+    """The app's Database, pinned to the test's transaction: code under test opens savepoints.
+
+    Production gives concurrent tasks of one request their own pooled connections; here they share
+    one, so a task waits for the connection while another uses it (a task may nest its own uses).
+    """
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
 
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[Connection]:
-        yield self.conn
+        turn = _turns.setdefault(self.conn, _Turn())
+        task = asyncio.current_task()
+        if turn.owner is not task:
+            await turn.lock.acquire()
+            turn.owner = task
+        turn.depth += 1
+        try:
+            yield self.conn
+        finally:
+            turn.depth -= 1
+            if turn.depth == 0:
+                turn.owner = None
+                turn.lock.release()
 
 
 @pytest.fixture

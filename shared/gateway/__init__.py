@@ -10,7 +10,16 @@ only inside the functions that call a model.
 
 from shared.gateway.provider import close_clients
 from shared.gateway.schemas import ChatMessage, ChatResult, Role, ToolCall
-from shared.gateway.service import BURST_BUCKET, EMBEDDING_DIMENSIONS, BurstPass, admit_burst, chat, embed, online
+from shared.gateway.service import (
+    BURST_BUCKET,
+    EMBEDDING_DIMENSIONS,
+    BurstPass,
+    admit_burst,
+    chat,
+    embed,
+    embed_then,
+    online,
+)
 from shared.gateway.streaming import ChatStream, StreamedChat, open_chat_stream
 from shared.gateway.tools import CAPTURE_LEAD, ESCALATE, ESCALATION_REASONS, WIDGET_TOOLS
 
@@ -32,6 +41,7 @@ __all__ = [
     "chat",
     "close_clients",
     "embed",
+    "embed_then",
     "online",
     "open_chat_stream",
 ]

@@ -272,7 +272,7 @@ async def chat(
             )
 
     (content, tool_calls), recorded, usage_event_id = await _metered(
-        db, usage, bound=bound, burst_per_minute=burst_per_minute, burst_pass=burst_pass, call=call
+        db, usage, bound=bound, burst_per_minute=burst_per_minute, burst_pass=burst_pass, call=call, then=_unchanged
     )
     content, clipped = _clipped(content)
     if clipped:
@@ -306,15 +306,47 @@ async def embed(
     ``None`` with the offline provider: no call is made and nothing is metered; chunks are then
     stored without an embedding and served by full-text search. Raises like ``chat``.
     """
+    return await embed_then(
+        db,
+        org_id=org_id,
+        agent_id=agent_id,
+        scan_id=scan_id,
+        texts=texts,
+        request_id=request_id,
+        burst_per_minute=burst_per_minute,
+        burst_pass=burst_pass,
+        then=_unchanged,
+    )
+
+
+async def embed_then[R](
+    db: Database,
+    *,
+    org_id: UUID,
+    agent_id: UUID | None,
+    scan_id: UUID | None,
+    texts: list[str],
+    request_id: str,
+    burst_per_minute: int | None = None,
+    burst_pass: BurstPass | None = None,
+    then: Callable[[list[list[float]] | None], Awaitable[R]],
+) -> R:
+    """``embed``, with the caller's next step: ``then`` gets the vectors (``None`` offline) while
+    the call's usage row and settlement are written, and its result is returned once both are done.
+
+    The widget searches with the question's embedding this way, so the search does not wait for the
+    metering. Returning only when the usage row is written keeps a later reservation of the same
+    request behind this call's settlement. When ``then`` raises, the usage row is still written first.
+    """
     if not texts:
-        return []
+        return await then([])
     if len(texts) > MAX_EMBEDDING_INPUTS:
         raise ValueError(f"at most {MAX_EMBEDDING_INPUTS} texts per call")
     if any(not text.strip() for text in texts):
         raise ValueError("texts to embed must not be empty")
     selection = await keys.select(db, org_id)
     if selection.config is None:
-        return None
+        return await then(None)
     online = selection.config
     usage = Usage(
         org_id=org_id,
@@ -337,13 +369,17 @@ async def embed(
             )
         return _measured(result.vectors, result.prompt_tokens, 0, granted, usage, result.provider_request_id)
 
-    vectors, _, _ = await _metered(
-        db, usage, bound=bound, burst_per_minute=burst_per_minute, burst_pass=burst_pass, call=call
+    result, _, _ = await _metered(
+        db, usage, bound=bound, burst_per_minute=burst_per_minute, burst_pass=burst_pass, call=call, then=then
     )
-    return vectors
+    return result
 
 
-async def _metered[T](
+async def _unchanged[T](value: T) -> T:
+    return value
+
+
+async def _metered[T, R](
     db: Database,
     usage: Usage,
     *,
@@ -351,7 +387,9 @@ async def _metered[T](
     burst_per_minute: int | None,
     burst_pass: BurstPass | None,
     call: Callable[[_Bound], Awaitable[_Answer[T]]],
-) -> tuple[T, Usage, int]:
+    then: Callable[[T], Awaitable[R]],
+) -> tuple[R, Usage, int]:
+    """Admit, call and meter one model call; ``then`` runs on the answer while the usage row is written."""
     reservation = await _admit(db, usage, bound=bound, burst_per_minute=burst_per_minute, burst_pass=burst_pass)
     reservation_id = reservation.id
     if reservation.amount_microusd < bound.cost_microusd:
@@ -397,9 +435,14 @@ async def _metered[T](
         estimated=answer.estimated,
         provider_request_id=answer.provider_request_id,
     )
-    usage_event_id = await metering.record(db, done, reservation_id=reservation_id)
-    _budget_freed(usage.org_id)
-    return answer.value, done, usage_event_id
+    recording = asyncio.ensure_future(metering.record(db, done, reservation_id=reservation_id))
+    try:
+        result = await then(answer.value)
+    finally:
+        # Written whatever ``then`` did, even if this task is cancelled meanwhile.
+        usage_event_id = await asyncio.shield(recording)
+        _budget_freed(usage.org_id)
+    return result, done, usage_event_id
 
 
 async def _admit(

@@ -409,12 +409,24 @@ async def retrieve_knowledge(
 ) -> list[RetrievedChunk]:
     """Hybrid retrieval; full text alone offline or when the embedding call fails.
 
-    An agent with no knowledge at all skips both: no embedding is paid for and no query is made.
+    An agent with no knowledge at all skips both: no embedding is paid for and no query is made. The
+    search runs while the embedding's usage row is written (``gateway.embed_then``); the reply's
+    reservation comes after both.
     """
     if not context.has_knowledge:
         return []
+
+    async def search(vectors: list[list[float]] | None) -> list[RetrievedChunk]:
+        return await search_knowledge(
+            db,
+            agent_id=context.agent_id,
+            query=question,
+            query_embedding=vectors[0] if vectors else None,
+            limit=KNOWLEDGE_CHUNKS,
+        )
+
     try:
-        vectors = await gateway.embed(
+        return await gateway.embed_then(
             db,
             org_id=context.org_id,
             agent_id=context.agent_id,
@@ -423,17 +435,11 @@ async def retrieve_knowledge(
             request_id=request_id,
             burst_per_minute=context.burst_per_minute,
             burst_pass=burst_pass,
+            then=search,
         )
     except ModelUnavailable as failure:
         _log(request_id, context.org_id, "embedding failed; full-text retrieval only", failure.type_slug)
-        vectors = None
-    return await search_knowledge(
-        db,
-        agent_id=context.agent_id,
-        query=question,
-        query_embedding=vectors[0] if vectors else None,
-        limit=KNOWLEDGE_CHUNKS,
-    )
+        return await search(None)
 
 
 def model_messages(context: queries.ChatContext, message: str) -> list[ChatMessage]:

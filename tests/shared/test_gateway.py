@@ -33,6 +33,7 @@ from shared.gateway import (
     chat,
     close_clients,
     embed,
+    embed_then,
 )
 from shared.gateway.offline import EXCERPT_INTRO, NO_MATCH_REPLY
 from shared.gateway.schemas import MAX_REPLY_CHARS
@@ -1026,6 +1027,81 @@ class TestEmbeddings:
     ) -> None:
         assert await embed(tdb, org_id=org["id"], agent_id=None, scan_id=None, texts=[], request_id="r") == []
         assert online.requests == []
+        assert await usage_rows(db, org["id"]) == []
+
+
+class TestEmbedThen:
+    """The caller's next step runs on the vectors while the usage row is written."""
+
+    async def test_the_next_step_gets_the_vectors_and_the_call_is_metered_when_it_returns(
+        self, online: FakeOpenAI, tdb: TransactionDatabase, db: Connection, org: dict[str, Any]
+    ) -> None:
+        seen: list[list[list[float]] | None] = []
+
+        async def then(vectors: list[list[float]] | None) -> str:
+            seen.append(vectors)
+            return "searched"
+
+        result = await embed_then(
+            tdb, org_id=org["id"], agent_id=None, scan_id=None, texts=["a question"], request_id="r", then=then
+        )
+
+        assert result == "searched"
+        [vectors] = seen
+        assert vectors is not None
+        assert [len(vector) for vector in vectors] == [1536]
+        [row] = await usage_rows(db, org["id"])
+        assert (row["kind"], row["outcome"]) == ("embedding", "ok")
+        [reservation] = await reservations(db, org["id"])
+        assert reservation["status"] == "settled"
+
+    async def test_a_failing_next_step_still_leaves_the_call_metered(
+        self, online: FakeOpenAI, tdb: TransactionDatabase, db: Connection, org: dict[str, Any]
+    ) -> None:
+        async def then(vectors: list[list[float]] | None) -> None:
+            raise RuntimeError("the search failed")
+
+        with pytest.raises(RuntimeError, match="the search failed"):
+            await embed_then(
+                tdb, org_id=org["id"], agent_id=None, scan_id=None, texts=["a question"], request_id="r", then=then
+            )
+
+        [row] = await usage_rows(db, org["id"])
+        assert (row["kind"], row["outcome"], row["cost_microusd"] > 0) == ("embedding", "ok", True)
+        [reservation] = await reservations(db, org["id"])
+        assert reservation["status"] == "settled"
+
+    async def test_a_failed_call_never_reaches_the_next_step(
+        self, online: FakeOpenAI, tdb: TransactionDatabase, db: Connection, org: dict[str, Any]
+    ) -> None:
+        online.embedding_dimensions = 768
+        called: list[object] = []
+
+        async def then(vectors: list[list[float]] | None) -> None:
+            called.append(vectors)
+
+        with pytest.raises(ModelUnavailable):
+            await embed_then(
+                tdb, org_id=org["id"], agent_id=None, scan_id=None, texts=["x y"], request_id="r", then=then
+            )
+        assert called == []
+        [row] = await usage_rows(db, org["id"])
+        assert (row["outcome"], row["cost_microusd"]) == ("error", 0)
+
+    async def test_offline_the_next_step_gets_none_and_nothing_is_metered(
+        self, gateway: Configure, tdb: TransactionDatabase, db: Connection, org: dict[str, Any]
+    ) -> None:
+        seen: list[object] = []
+
+        async def then(vectors: list[list[float]] | None) -> int:
+            seen.append(vectors)
+            return 7
+
+        assert (
+            await embed_then(tdb, org_id=org["id"], agent_id=None, scan_id=None, texts=["q"], request_id="r", then=then)
+            == 7
+        )
+        assert seen == [None]
         assert await usage_rows(db, org["id"]) == []
 
 

@@ -1,29 +1,36 @@
 """GET /api/audit-log/export and the export's integrity, from the owner's and the attacker's side.
 
-Real database (one rolled-back transaction per test), real Redis for the export limit. The files
-are checked with the same verifier customers run (``shared.audit.verify``).
+Real database (one rolled-back transaction per test; the real pool for reads ahead on several
+connections), real Redis for the export limit. The files are checked with the same verifier
+customers run (``shared.audit.verify``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import csv
+import hashlib
 import io
 import json
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
 import pytest
 from psycopg import AsyncConnection
-from psycopg.rows import DictRow
+from psycopg.rows import DictRow, dict_row
 from psycopg.types.json import Jsonb
 
 from functions.audit_export import app
-from shared.audit.export import open_export
+from shared.audit import export as export_module
+from shared.audit.export import open_export, seal_line
 from shared.audit.verify import main as verify_main
 from shared.audit.verify import verify
+from shared.db.pool import get_pool
+from shared.db.session import Database, get_database
 from shared.web.deps import get_request_database
 from tests.conftest import TransactionDatabase
 from tests.factories import access_token, add_member, create_org, user_claims
@@ -71,6 +78,36 @@ async def insert_row(
         " values (%s, 'test', %s, %s, %s, %s)",
         (org_id, action, target_id, Jsonb(details), at),
     )
+
+
+async def rendered_lines(db: Connection, fmt: str, org_id: uuid.UUID, start: datetime, end: datetime) -> list[bytes]:
+    """Each row's line rendered on its own, one query row per line, in (created_at, id) order."""
+    line = export_module._NDJSON_LINE if fmt == "ndjson" else export_module._CSV_LINE
+    await db.execute("reset role")
+    await db.execute("set timezone = 'UTC'")
+    cursor = await db.execute(
+        f"select convert_to({line}, 'UTF8') as line from public.audit_log as a"  # noqa: S608 (constants)
+        " where a.org_id = %s and a.created_at >= %s and a.created_at < %s order by a.created_at, a.id",
+        (org_id, start, end),
+    )
+    return [row["line"] for row in await cursor.fetchall()]
+
+
+def expected_file(fmt: str, content: bytes, lines: list[bytes], *, page_rows: int) -> bytes:
+    """The export as the format documents it: header, pages of lines, a checkpoint after each full page, trailer."""
+    head = b"".join(content.splitlines(keepends=True)[: 1 if fmt == "ndjson" else 2])
+    out = [head]
+    hasher = hashlib.sha256(head)
+    for first in range(0, len(lines) + 1, page_rows):
+        page = b"".join(line + b"\n" for line in lines[first : first + page_rows])
+        hasher.update(page)
+        out.append(page)
+        if first + page_rows <= len(lines):  # a full page: a checkpoint follows
+            seal = seal_line(fmt, "checkpoint", rows=min(first + page_rows, len(lines)), sha256=hasher.hexdigest())  # type: ignore[arg-type]
+            hasher.update(seal)
+            out.append(seal)
+    out.append(seal_line(fmt, "trailer", rows=len(lines), sha256=hasher.hexdigest()))  # type: ignore[arg-type]
+    return b"".join(out)
 
 
 def _auth(user: dict[str, Any]) -> dict[str, str]:
@@ -196,6 +233,9 @@ class TestExport:
         result = verify(io.BytesIO(content))
         assert result.ok, result.message
         assert result.rows == 3
+        # Byte for byte: each page is its rows' lines, as the line expression renders each row alone.
+        lines = await rendered_lines(db, fmt, org["id"], at, at + timedelta(seconds=1))
+        assert content == expected_file(fmt, content, lines, page_rows=2)
         if fmt == "ndjson":
             events = [json.loads(line) for line in content.splitlines() if line.startswith(b'{"record":"event"')]
         else:
@@ -243,6 +283,141 @@ class TestExport:
         assert abs(datetime.fromisoformat(header["to"]) - before) < timedelta(minutes=1)
         events = [json.loads(line)["action"] for line in response.content.splitlines()[1:-1]]
         assert sum(action.startswith("test.") and action != "test.other_tenant" for action in events) == 11
+
+
+class CountingDatabase:
+    """The real pool, counting the connections the export holds at once.
+
+    With ``hold``, each connection is kept that long after its transaction, as if the result took
+    that long to arrive: the pages of a few rows are then read at once for certain.
+    """
+
+    def __init__(self, inner: Database, hold: float = 0.0) -> None:
+        self.inner = inner
+        self.hold = hold
+        self.in_use = 0
+        self.peak = 0
+
+    @asynccontextmanager
+    async def connection(self) -> AsyncIterator[Connection]:
+        async with self.inner.connection() as conn:
+            self.in_use += 1
+            self.peak = max(self.peak, self.in_use)
+            try:
+                yield conn
+                await asyncio.sleep(self.hold)
+            finally:
+                self.in_use -= 1
+
+
+class TestReadAheadOnThePool:
+    """Committed rows and the real pool: pages are read ahead on their own connections."""
+
+    @pytest.fixture
+    async def committed(self, admin_url: str, committed_db: None) -> AsyncIterator[tuple[Connection, dict[str, Any]]]:
+        conn = await AsyncConnection.connect(admin_url, row_factory=dict_row, autocommit=True, prepare_threshold=None)
+        try:
+            org = await create_org(conn)
+            # 25 rows, in pairs sharing a timestamp, so pages also end between ties.
+            for i in range(25):
+                await insert_row(conn, org["id"], T0 + timedelta(seconds=i // 2), f"test.pool_{i:02d}", {"i": i})
+            yield conn, org
+        finally:
+            await conn.close()
+
+    @pytest.mark.parametrize("read_ahead", [1, 2, 3])
+    async def test_pages_read_ahead_arrive_in_order_within_the_connection_bound(
+        self, committed: tuple[Connection, dict[str, Any]], read_ahead: int
+    ) -> None:
+        conn, org = committed
+        db = CountingDatabase(get_database(), hold=0.05)
+        export = await open_export(
+            db,
+            user_claims(org["owner"]),
+            org_id=org["id"],
+            start=T0,
+            end=T0 + timedelta(minutes=1),
+            fmt="ndjson",
+            request_id=None,
+            page_rows=4,
+            read_ahead=read_ahead,
+        )
+        content = b"".join([chunk async for chunk in export.body])
+        lines = [json.loads(line) for line in content.splitlines()]
+        events = [line["action"] for line in lines if line["record"] == "event"]
+        assert events == [f"test.pool_{i:02d}" for i in range(25)]
+        assert [line["rows"] for line in lines if line["record"] == "checkpoint"] == [4, 8, 12, 16, 20, 24]
+        assert verify(io.BytesIO(content)).ok
+        rendered = await rendered_lines(conn, "ndjson", org["id"], T0, T0 + timedelta(minutes=1))
+        assert content == expected_file("ndjson", content, rendered, page_rows=4)
+        assert db.peak == 1 + read_ahead, "pages read at once, as many as the bound and no more"
+        assert db.in_use == 0
+
+    async def test_a_reader_that_stops_early_cancels_the_reads_ahead_and_every_connection_goes_back(
+        self, committed: tuple[Connection, dict[str, Any]]
+    ) -> None:
+        conn, org = committed
+        db = CountingDatabase(get_database())
+        export = await open_export(
+            db,
+            user_claims(org["owner"]),
+            org_id=org["id"],
+            start=T0,
+            end=T0 + timedelta(minutes=1),
+            fmt="csv",
+            request_id=None,
+            page_rows=4,
+            read_ahead=2,
+        )
+        body = export.body
+        await anext(body)  # header
+        first_page = await anext(body)
+        assert first_page.count(b"\n") == 4
+        await anext(body)  # its checkpoint; the next pages are being read
+        await body.aclose()  # type: ignore[attr-defined]
+        assert db.in_use == 0
+        stats = (await get_pool()).get_stats()
+        assert stats.get("pool_available", 0) == stats.get("pool_size", 0), stats
+        await conn.execute("reset role")
+        cursor = await conn.execute(
+            "select details from public.audit_log where org_id = %s and action = 'audit_log.export_incomplete'",
+            (org["id"],),
+        )
+        [incomplete] = await cursor.fetchall()
+        assert incomplete["details"]["rows_sent"] == 4
+
+    async def test_a_failing_page_cuts_the_file_and_every_connection_goes_back(
+        self, committed: tuple[Connection, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        conn, org = committed
+        db = CountingDatabase(get_database())
+        export = await open_export(
+            db,
+            user_claims(org["owner"]),
+            org_id=org["id"],
+            start=T0,
+            end=T0 + timedelta(minutes=1),
+            fmt="ndjson",
+            request_id=None,
+            page_rows=4,
+            read_ahead=2,
+        )
+        body = export.body
+        chunks = [await anext(body), await anext(body)]  # header and the first page; more are being read
+        monkeypatch.setitem(export_module._PAGE_SQL, "ndjson", ("select 1/0", "select 1/0"))
+        with pytest.raises(Exception, match="out of range"):
+            async for chunk in body:
+                chunks.append(chunk)
+        content = b"".join(chunks)
+        assert verify(io.BytesIO(content)).message.startswith("truncated")
+        assert db.in_use == 0
+        await conn.execute("reset role")
+        cursor = await conn.execute(
+            "select details from public.audit_log where org_id = %s and action = 'audit_log.export_incomplete'",
+            (org["id"],),
+        )
+        [incomplete] = await cursor.fetchall()
+        assert incomplete["details"]["rows_sent"] == sum(chunk.count(b'"record":"event"') for chunk in chunks)
 
 
 class TestTamperEvidence:

@@ -69,7 +69,9 @@ select m.role, clock_timestamp() as now
  where m.org_id = %(org_id)s and m.user_id = (select auth.uid())
 """
 
-_UTC = "select set_config('timezone', 'UTC', true)"
+# Each page's transaction: times rendered in UTC, and text sent as UTF-8 whatever the connection's
+# encoding (the server converts only if the database's encoding differs; the page is sent as is).
+_PAGE_SETTINGS = "select set_config('timezone', 'UTC', true), set_config('client_encoding', 'UTF8', true)"
 
 # Where a page ends: the key of its last row, PAGE_ROWS rows after the key it resumes from. An
 # index-only scan over (org_id, created_at, id), about a millisecond; no row means this is the last page.
@@ -84,14 +86,13 @@ offset %(offset)s limit 1
 """
 
 # One page: each row rendered by the database as its line, and the lines joined in (created_at, id)
-# order into one block (UTF-8 bytes, whatever the connection's encoding), with the row count. One
-# value per page rather than one result row per line: the client then parses and wakes up for a
-# handful of large reads instead of a row every few hundred bytes, which cost more client time than
-# the whole rest of the export (measured). The ORDER BY of the aggregate is the index's order, so
-# the database sorts nothing.
+# order into one block, with the row count. One value per page rather than one result row per
+# line: the client then parses and wakes up for a handful of large reads instead of a row every few
+# hundred bytes, which cost more client time than the whole rest of the export (measured). The
+# ORDER BY of the aggregate is the index's order, so the database sorts nothing. The block is read
+# as the bytes sent (text format, UTF-8 by ``_PAGE_SETTINGS``), never decoded.
 _PAGE = """
-select convert_to(string_agg({line} || e'\\n', '' order by a.created_at, a.id), 'UTF8') as body,
-       count(*) as rows
+select string_agg({line} || e'\\n', '' order by a.created_at, a.id) as body, count(*) as rows
   from public.audit_log as a
  where a.org_id = %(org_id)s
    and (a.created_at, a.id) > (%(after_at)s, %(after_id)s)
@@ -337,22 +338,23 @@ class _PageRead:
     async def _read(self, db: Database, claims: Claims, fmt: ExportFormat, params: dict[str, Any]) -> _Page:
         try:
             async with as_user(db, claims) as conn:
-                await conn.execute(_UTC)
+                await conn.execute(_PAGE_SETTINGS)
                 key = await (await conn.execute(_PAGE_END, params)).fetchone()
                 if key is None:
                     self._resolve(None)
-                    cursor = await conn.execute(_PAGE_SQL[fmt][1], params, binary=True)
+                    cursor = await conn.execute(_PAGE_SQL[fmt][1], params)
                 else:
                     self._resolve({"after_at": key["created_at"], "after_id": key["id"]})
                     until = {"until_at": key["created_at"], "until_id": key["id"]}
-                    cursor = await conn.execute(_PAGE_SQL[fmt][0], {**params, **until}, binary=True)
-            page = await cursor.fetchone()  # complete since the commit
+                    cursor = await conn.execute(_PAGE_SQL[fmt][0], {**params, **until})
         except BaseException:
             self._resolve(None)  # start no page after this one; awaiting the task raises
             raise
-        if page is None or page["body"] is None:  # no rows: the aggregate of nothing is NULL
+        result = cursor.pgresult  # complete since the commit: one row, the block as sent and the count
+        body = result.get_value(0, 0) if result is not None and result.ntuples == 1 else None
+        if result is None or body is None:  # no rows: the aggregate of nothing is NULL
             return _Page(0, b"")
-        return _Page(page["rows"], page["body"])
+        return _Page(int(result.get_value(0, 1) or 0), body)
 
 
 async def _record_incomplete(

@@ -219,6 +219,8 @@ class TestExport:
                     at,
                 ),
             )
+        # A connection whose encoding cannot even hold these characters still gets UTF-8 pages.
+        await db.execute("set client_encoding = 'LATIN1'")
         export = await open_export(
             TransactionDatabase(db),
             user_claims(org["owner"]),

@@ -181,7 +181,13 @@ async def open_export(
     page_rows: int = PAGE_ROWS,
     read_ahead: int = READ_AHEAD,
 ) -> AuditExport:
-    """Check the caller and the range, record the start, and return the stream (nothing read yet)."""
+    """Check the caller and the range, record the start, and return the stream (nothing read yet).
+
+    ``page_rows`` and ``read_ahead`` (pages read while one is sent, each holding a connection) are
+    the code's own settings, never the caller's; both at least 1.
+    """
+    if page_rows < 1 or read_ahead < 1:
+        raise ValueError("page_rows and read_ahead must be at least 1")
     if start.tzinfo is None or (end is not None and end.tzinfo is None):
         raise Unprocessable("Give times with a time zone offset, e.g. 2026-12-01T00:00:00Z.")
     if end is not None and start >= end:

@@ -355,6 +355,23 @@ class TestReadAheadOnThePool:
         assert db.peak == 1 + read_ahead, "pages read at once, as many as the bound and no more"
         assert db.in_use == 0
 
+    @pytest.mark.parametrize("settings", [{"page_rows": 0}, {"read_ahead": 0}])
+    async def test_a_page_size_or_read_ahead_below_one_is_refused(
+        self, committed: tuple[Connection, dict[str, Any]], settings: dict[str, int]
+    ) -> None:
+        _, org = committed
+        with pytest.raises(ValueError, match="at least 1"):
+            await open_export(
+                get_database(),
+                user_claims(org["owner"]),
+                org_id=org["id"],
+                start=T0,
+                end=T0 + timedelta(minutes=1),
+                fmt="ndjson",
+                request_id=None,
+                **settings,
+            )
+
     async def test_a_reader_that_stops_early_cancels_the_reads_ahead_and_every_connection_goes_back(
         self, committed: tuple[Connection, dict[str, Any]]
     ) -> None:

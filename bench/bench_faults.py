@@ -529,10 +529,11 @@ def consistency(admin_url: str) -> int:
             " (select count(*) from public.messages), (select count(*) from public.conversations),"
             " (select count(*) from public.stripe_events)"
         ).fetchone()
+        assert totals is not None
         print(
-            f"  rows: usage {totals[0]}, reservations {totals[1]}, messages {totals[2]},"  # type: ignore[index]
+            f"  rows: usage {totals[0]}, reservations {totals[1]}, messages {totals[2]},"
             f" conversations {totals[3]}, stripe events {totals[4]}"
-        )  # type: ignore[index]
+        )
         held = conn.execute(
             "select r.created_at, r.amount_microusd from public.budget_reservations as r where r.status = 'held'"
         ).fetchall()

@@ -259,20 +259,18 @@ async def _stream(
     # database renders several pages at once and this process works meanwhile. At most
     # 1 + read_ahead pages in memory.
     newest = _PageRead(db, claims, fmt, {**params, "after_at": start, "after_id": 0})
-    reads: deque[_PageRead] = deque([newest])
-    started = [newest]
+    reads: deque[_PageRead] = deque([newest])  # the page being sent first, then the reads ahead of it
     try:
         head = header_lines(fmt, export_id=export_id, org_id=org_id, start=start, end=end)
         hasher.update(head)
         yield head
         while reads:
-            current = reads.popleft()
-            while len(reads) < read_ahead and (after := await newest.next_after) is not None:
+            current = reads[0]
+            while len(reads) <= read_ahead and (after := await newest.next_after) is not None:
                 newest = _PageRead(db, claims, fmt, {**params, **after})
                 reads.append(newest)
-                started.append(newest)
             page = await current.task
-            del started[0]  # done; the rest are still being read
+            reads.popleft()  # done; the rest are still being read
             if page.body:
                 hasher.update(page.body)
                 rows += page.rows  # counted when handed out, so a reader that stops here is reported with them
@@ -298,10 +296,10 @@ async def _stream(
         finished = True
         yield seal_line(fmt, "trailer", rows=rows, sha256=digest)
     finally:
-        if started:
+        if reads:
             # The caller went away or a page failed: stop the reads ahead and let each give back its
             # connection before anything else uses the database.
-            tasks = [read.task for read in started]
+            tasks = [read.task for read in reads]
             for task in tasks:
                 task.cancel()
             await asyncio.wait(tasks)

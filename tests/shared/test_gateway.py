@@ -1071,6 +1071,31 @@ class TestEmbedThen:
         [reservation] = await reservations(db, org["id"])
         assert reservation["status"] == "settled"
 
+    async def test_a_caller_that_goes_away_during_the_next_step_still_leaves_the_call_metered(
+        self, online: FakeOpenAI, tdb: TransactionDatabase, db: Connection, org: dict[str, Any]
+    ) -> None:
+        # The visitor disconnects while the search runs: the task is cancelled, the usage row is not.
+        searching = asyncio.Event()
+
+        async def then(vectors: list[list[float]] | None) -> None:
+            searching.set()
+            await asyncio.Event().wait()
+
+        turn = asyncio.create_task(
+            embed_then(
+                tdb, org_id=org["id"], agent_id=None, scan_id=None, texts=["a question"], request_id="r", then=then
+            )
+        )
+        await searching.wait()
+        turn.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await turn
+
+        [row] = await usage_rows(db, org["id"])
+        assert (row["kind"], row["outcome"], row["cost_microusd"] > 0) == ("embedding", "ok", True)
+        [reservation] = await reservations(db, org["id"])
+        assert reservation["status"] == "settled"
+
     async def test_a_failed_call_never_reaches_the_next_step(
         self, online: FakeOpenAI, tdb: TransactionDatabase, db: Connection, org: dict[str, Any]
     ) -> None:
